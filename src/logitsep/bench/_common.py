@@ -1,0 +1,90 @@
+"""What every benchmark shares: the environment record, a robust timer and the result writer."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import write_csv, write_json
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions, recorded next to every benchmark figure."""
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return env
+
+
+def command_line() -> str:
+    """The command as the user typed it (``logitsep ...`` when run through the console script)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("logitsep", "__main__.py"):
+        argv[0] = "logitsep"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], *, repeat: int = 7, number: int | None = None, warmup: int = 2,
+              device: torch.device | str | None = None, min_time: float = 0.05) -> float:
+    """Median over ``repeat`` rounds of the seconds per call of ``fn``.
+
+    ``number`` calls make a round; when None it is chosen so that a round lasts at least ``min_time``.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if number is None:
+        number = 1
+        while True:
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            sync(device)
+            if time.perf_counter() - start >= min_time or number >= 1 << 20:
+                break
+            number *= 2
+    rounds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync(device)
+        rounds.append((time.perf_counter() - start) / number)
+    return statistics.median(rounds)
+
+
+def write_results(stem: str | os.PathLike, rows: Sequence[Mapping[str, Any]], **meta: Any) -> tuple[Path, Path]:
+    """Write ``stem.csv`` (the rows, with the environment repeated as columns so one file is self-contained)
+    and ``stem.json`` (rows + environment + command + ``meta``)."""
+    stem = Path(stem)
+    env = environment()
+    command = command_line()
+    csv_rows = [{**row, **{f"env_{k}": v for k, v in env.items()}, "command": command} for row in rows]
+    csv_path = write_csv(stem.with_suffix(".csv"), csv_rows)
+    json_path = write_json(stem.with_suffix(".json"), {"command": command, "environment": env, **meta,
+                                                         "rows": list(rows)})
+    return csv_path, json_path

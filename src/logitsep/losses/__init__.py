@@ -1,0 +1,49 @@
+"""Every loss of the project, one module per family, all in one registry.
+
+>>> from logitsep.losses import LOSSES, get_loss
+>>> loss_fn = get_loss("batch_ce")
+>>> loss_fn.pols_aligned
+True
+
+Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin), ``binary`` (bce, nce),
+``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss).
+"""
+
+from .batch import BatchCrossEntropyLoss, BatchMaxMarginLoss, batch_cross_entropy, batch_max_margin
+from .binary import BinaryCrossEntropyLoss, NCELoss, binary_cross_entropy, nce
+from .margin import MaxMarginLoss, max_margin
+from .registry import LOSSES, get_loss, register
+from .softmax import (
+    CrossEntropyLoss,
+    DecoupledSoftmaxLoss,
+    SelfNormalizationLoss,
+    cross_entropy,
+    decoupled_softmax,
+    self_normalization,
+)
+from .spherical import ZLoss, z_loss, z_score
+
+__all__ = [
+    "LOSSES",
+    "BatchCrossEntropyLoss",
+    "BatchMaxMarginLoss",
+    "BinaryCrossEntropyLoss",
+    "CrossEntropyLoss",
+    "DecoupledSoftmaxLoss",
+    "MaxMarginLoss",
+    "NCELoss",
+    "SelfNormalizationLoss",
+    "ZLoss",
+    "batch_cross_entropy",
+    "batch_max_margin",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "decoupled_softmax",
+    "get_loss",
+    "max_margin",
+    "nce",
+    "register",
+    "self_normalization",
+    "z_loss",
+    "z_score",
+]

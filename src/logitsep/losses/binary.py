@@ -1,0 +1,143 @@
+"""Binary losses over every class: binary cross-entropy (``bce``) and noise-contrastive estimation (``nce``).
+
+Paper Sections IV-B and IV-C (Keren, Sabato & Schuller, ICDM 2018); NCE as in Mnih & Teh (ICML 2012).
+Both accept class indices ``[m]`` or a multi-label 0/1 matrix ``[m, k]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from .registry import register
+
+
+def _positives(target: Tensor, k: int) -> Tensor:
+    """Boolean ``[m, k]`` matrix of positive pairs from indices or a (validated) 0/1 matrix."""
+    if target.dim() == 2:
+        return target
+    return F.one_hot(target, k).bool()
+
+
+def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy summed over classes, ``ℓ(z, r) = −Σ_j [r_j log σ(z_j) + (1−r_j) log(1−σ(z_j))]``.
+
+    With class indices ``r_j = 1[j = y]`` (paper Sec. IV-C). Computed as ``softplus(−z)`` at positives and
+    ``softplus(z)`` at negatives. PoLS-aligned (paper, Appendix C).
+    """
+    check_reduction(reduction, "bce")
+    z = check_logits(logits, "bce")
+    pos = _positives(check_target(target, z, "bce", multilabel=True), z.shape[1])
+    per_row = F.softplus(torch.where(pos, -z, z)).sum(dim=1)
+    return reduce(per_row, reduction)
+
+
+def _check_noise(noise: Tensor | None, k: int, device: torch.device) -> Tensor:
+    """The noise distribution ``q`` as a float64-checked probability vector of length ``k`` (uniform if None)."""
+    if noise is None:
+        return torch.full((k,), 1.0 / k, device=device)
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"nce: noise must be a torch.Tensor or None, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"nce: noise must be a floating-point probability vector, got dtype {noise.dtype}")
+    if noise.dim() != 1 or noise.shape[0] != k:
+        raise ValueError(f"nce: noise must be a probability vector of length {k}, got shape {tuple(noise.shape)}")
+    q = noise.detach().double()
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+        raise ValueError("nce: noise must have finite, non-negative entries")
+    total = float(q.sum())
+    if abs(total - 1.0) > 1e-4:
+        raise ValueError(f"nce: noise must sum to 1, got {total:.6g}")
+    return (q / total).float().to(device)
+
+
+def nce(
+    logits: Tensor,
+    target: Tensor,
+    num_noise: float = 25,
+    noise: Tensor | None = None,
+    sampled: bool = False,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Noise-contrastive estimation (Mnih & Teh 2012; paper Eq. 3).
+
+    ``ℓ(z, y) = −log g_y − t·E_{j∼q} log(1 − g_j)``,  ``g_j = σ(z_j − log(t·q_j))``, ``t = num_noise``.
+
+    ``sampled=False`` (default) computes the expectation exactly over all k classes; ``sampled=True`` draws
+    ``t`` classes from ``q`` per example (with replacement) and sums their terms: an unbiased estimate of
+    the exact value. For a multi-label row with positives ``P`` every positive is one data sample with its
+    own ``t`` noise samples: ``−Σ_{l∈P} log g_l − |P|·t·E_q log(1 − g_j)`` (equal to the above for |P| = 1).
+    PoLS-aligned (paper, Appendix B). ``t = 25`` follows Mnih & Teh.
+    """
+    num_noise = check_positive(num_noise, "num_noise", "nce")
+    check_reduction(reduction, "nce")
+    z = check_logits(logits, "nce")
+    m, k = z.shape
+    target = check_target(target, z, "nce", multilabel=True)
+    pos = _positives(target, k)
+    n_pos = pos.sum(dim=1)
+    if target.dim() == 2 and bool((n_pos == 0).any()):
+        raise ValueError("nce: every row of a multi-label target needs at least one positive")
+    q = _check_noise(noise, k, z.device).to(z.dtype)
+    # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
+    log_tq = math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(z.dtype).tiny))
+    shifted = z - log_tq  # logit of g
+    data_term = (F.softplus(-shifted) * pos).sum(dim=1)  # −Σ_{l∈P} log g_l
+    if not sampled:
+        noise_term = num_noise * (torch.where(q > 0, q, 0.0) * F.softplus(shifted)).sum(dim=1)
+    else:
+        if num_noise != int(num_noise):
+            raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
+        t = int(num_noise)
+        draws = torch.multinomial(q.float(), m * t, replacement=True, generator=generator).view(m, t)
+        noise_term = F.softplus(shifted.gather(1, draws)).sum(dim=1)
+    return reduce(data_term + n_pos.to(z.dtype) * noise_term, reduction)
+
+
+@register("bce", pols_aligned=True)
+class BinaryCrossEntropyLoss(nn.Module):
+    """Module form of :func:`binary_cross_entropy`."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction, "bce")
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return binary_cross_entropy(logits, target, reduction=self.reduction)
+
+
+@register("nce", pols_aligned=True)
+class NCELoss(nn.Module):
+    """Module form of :func:`nce`. ``noise`` is kept as a buffer so it follows ``.to(device)``."""
+
+    def __init__(
+        self,
+        num_noise: float = 25,
+        noise: Tensor | None = None,
+        sampled: bool = False,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.num_noise = check_positive(num_noise, "num_noise", "nce")
+        if noise is not None:  # fail at construction, not at the first batch
+            if not isinstance(noise, Tensor):
+                raise TypeError(f"nce: noise must be a torch.Tensor or None, got {type(noise).__name__}")
+            _check_noise(noise, noise.shape[0] if noise.dim() == 1 else -1, noise.device)
+        self.register_buffer("noise", None if noise is None else noise.detach().clone())
+        self.sampled = bool(sampled)
+        self.generator = generator
+        self.reduction = check_reduction(reduction, "nce")
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return nce(logits, target, num_noise=self.num_noise, noise=self.noise, sampled=self.sampled,
+                   generator=self.generator, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        noise = "uniform" if self.noise is None else "custom"
+        return f"num_noise={self.num_noise}, sampled={self.sampled}, noise={noise}"
