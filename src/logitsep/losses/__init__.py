@@ -6,11 +6,24 @@
 True
 
 Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin), ``binary`` (bce, nce),
-``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss).
+``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss), ``cosine`` (cosface, arcface, elasticface,
+norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
 """
 
 from .batch import BatchCrossEntropyLoss, BatchMaxMarginLoss, batch_cross_entropy, batch_max_margin
 from .binary import BinaryCrossEntropyLoss, NCELoss, binary_cross_entropy, nce
+from .cosine import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    ElasticFaceLoss,
+    NormSoftmaxLoss,
+    arc_margin,
+    arcface,
+    cosface,
+    elastic_margins,
+    elasticface,
+    norm_softmax,
+)
 from .margin import MaxMarginLoss, max_margin
 from .registry import LOSSES, get_loss, register
 from .softmax import (
@@ -25,6 +38,16 @@ from .spherical import ZLoss, z_loss, z_score
 
 __all__ = [
     "LOSSES",
+    "ArcFaceLoss",
+    "CosFaceLoss",
+    "ElasticFaceLoss",
+    "NormSoftmaxLoss",
+    "arc_margin",
+    "arcface",
+    "cosface",
+    "elastic_margins",
+    "elasticface",
+    "norm_softmax",
     "BatchCrossEntropyLoss",
     "BatchMaxMarginLoss",
     "BinaryCrossEntropyLoss",

@@ -1,0 +1,103 @@
+"""Forward + backward time of every registered loss as a ratio to ``torch.nn.functional.cross_entropy``,
+timed in the same run on the same logits (batch 256, 1000 classes by default).
+
+    python -m logitsep.bench.losses          # or: logitsep bench losses
+
+Targets (issue 3): every loss of the paper within 2× of CE; ``smooth_topk_svm`` (k = 5) within 10×.
+Timing interleaves the baseline with each loss (baseline, loss, baseline, loss, ...) so that a slow phase of a
+shared machine hits both; the ratio is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import LOSSES, get_loss
+from ._common import environment, time_call, write_results
+
+PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
+TARGETS = {**{name: 2.0 for name in PAPER_LOSSES}, "smooth_topk_svm": 10.0}
+LOSS_KWARGS: dict[str, dict[str, Any]] = {"smooth_topk_svm": {"k": 5}}
+
+
+def _step(fn, base: torch.Tensor, target: torch.Tensor):
+    def run() -> None:
+        z = base.detach().requires_grad_(True)
+        fn(z, target).backward()
+
+    return run
+
+
+def run(batch: int = 256, k: int = 1000, rounds: int = 9, out: str | Path | None = "results/bench/loss_speed",
+        seed: int = 0, device: str = "cpu", plot: bool = True) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, k, generator=gen).to(device)
+    cosines = (torch.rand(batch, k, generator=gen) * 1.98 - 0.99).to(device)
+    target = torch.randint(0, k, (batch,), generator=gen).to(device)
+    rows = []
+    for name in sorted(LOSSES):
+        loss_fn = get_loss(name, **LOSS_KWARGS.get(name, {}))
+        inputs = cosines if getattr(loss_fn, "expects_cosines", False) else logits
+        baseline = _step(F.cross_entropy, inputs, target)
+        candidate = _step(loss_fn, inputs, target)
+        ratios, base_times, cand_times = [], [], []
+        for _ in range(rounds):
+            tb = time_call(baseline, repeat=3, device=device)
+            tc = time_call(candidate, repeat=3, device=device)
+            base_times.append(tb)
+            cand_times.append(tc)
+            ratios.append(tc / tb)
+        ratio = statistics.median(ratios)
+        target_ratio = TARGETS.get(name)
+        rows.append({"loss": name, "kwargs": str(LOSS_KWARGS.get(name, {})), "batch": batch, "classes": k,
+                     "device": device, "ce_us": round(1e6 * statistics.median(base_times), 2),
+                     "loss_us": round(1e6 * statistics.median(cand_times), 2), "ratio_to_ce": round(ratio, 3),
+                     "target": target_ratio,
+                     "meets_target": None if target_ratio is None else bool(ratio <= target_ratio)})
+        print(f"{name:>18}: {rows[-1]['loss_us']:9.1f} us vs CE {rows[-1]['ce_us']:8.1f} us  "
+              f"x{ratio:.2f}" + ("" if target_ratio is None else f"  (target <= {target_ratio:g}x)"),
+              file=sys.stderr)
+    result = {"rows": rows, "environment": environment()}
+    if out is not None:
+        write_results(out, rows, description=__doc__.strip().splitlines()[0])
+        if plot:
+            _plot(rows, Path(out).with_suffix(".png"))
+    return result
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .._io import atomic_write
+
+    rows = sorted(rows, key=lambda r: r["ratio_to_ce"])
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.5))
+    colours = ["tab:green" if r["meets_target"] else ("tab:red" if r["meets_target"] is False else "tab:gray")
+               for r in rows]
+    ax.barh([r["loss"] for r in rows], [r["ratio_to_ce"] for r in rows], color=colours)
+    for limit in sorted({r["target"] for r in rows if r["target"]}):
+        ax.axvline(limit, color="black", lw=0.8, ls="--")
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"forward+backward time / F.cross_entropy (batch {rows[0]['batch']}, {rows[0]['classes']} classes)")
+    ax.set_title("Loss speed relative to cross-entropy (dashed: targets 2x, 10x)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()
