@@ -36,10 +36,11 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     return reduce(per_row, reduction)
 
 
-def _check_noise(noise: Tensor | None, k: int, device: torch.device) -> Tensor:
-    """The noise distribution ``q`` as a float64-checked probability vector of length ``k`` (uniform if None)."""
+def _check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The noise distribution ``q`` as a float64-checked probability vector of length ``k`` (uniform if None),
+    returned in ``dtype`` (the logits' compute dtype, so float64 logits get a float64 ``q``)."""
     if noise is None:
-        return torch.full((k,), 1.0 / k, device=device)
+        return torch.full((k,), 1.0 / k, dtype=dtype, device=device)
     if not isinstance(noise, Tensor):
         raise TypeError(f"nce: noise must be a torch.Tensor or None, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -50,9 +51,10 @@ def _check_noise(noise: Tensor | None, k: int, device: torch.device) -> Tensor:
     if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
         raise ValueError("nce: noise must have finite, non-negative entries")
     total = float(q.sum())
-    if abs(total - 1.0) > 1e-4:
+    # A half-precision vector (e.g. the module's buffer after ``.half()``) only sums to 1 within its own eps.
+    if abs(total - 1.0) > max(1e-4, torch.finfo(noise.dtype).eps):
         raise ValueError(f"nce: noise must sum to 1, got {total:.6g}")
-    return (q / total).float().to(device)
+    return (q / total).to(dtype).to(device)
 
 
 def nce(
@@ -83,7 +85,7 @@ def nce(
     n_pos = pos.sum(dim=1)
     if target.dim() == 2 and bool((n_pos == 0).any()):
         raise ValueError("nce: every row of a multi-label target needs at least one positive")
-    q = _check_noise(noise, k, z.device).to(z.dtype)
+    q = _check_noise(noise, k, z.device, z.dtype)
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
     log_tq = math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(z.dtype).tiny))
     shifted = z - log_tq  # logit of g
@@ -94,7 +96,9 @@ def nce(
         if num_noise != int(num_noise):
             raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
         t = int(num_noise)
-        draws = torch.multinomial(q.float(), m * t, replacement=True, generator=generator).view(m, t)
+        draw_device = generator.device if generator is not None else q.device
+        draws = torch.multinomial(q.float().to(draw_device), m * t, replacement=True, generator=generator)
+        draws = draws.view(m, t).to(z.device)
         noise_term = F.softplus(shifted.gather(1, draws)).sum(dim=1)
     return reduce(data_term + n_pos.to(z.dtype) * noise_term, reduction)
 
@@ -113,7 +117,8 @@ class BinaryCrossEntropyLoss(nn.Module):
 
 @register("nce", pols_aligned=True)
 class NCELoss(nn.Module):
-    """Module form of :func:`nce`. ``noise`` is kept as a buffer so it follows ``.to(device)``."""
+    """Module form of :func:`nce`. ``noise`` is a buffer, so it follows ``.to(device)`` and the state dict
+    (``.half()`` casts it too: very small probabilities may round to 0 there; keep the loss in float32)."""
 
     def __init__(
         self,
@@ -128,7 +133,9 @@ class NCELoss(nn.Module):
         if noise is not None:  # fail at construction, not at the first batch
             if not isinstance(noise, Tensor):
                 raise TypeError(f"nce: noise must be a torch.Tensor or None, got {type(noise).__name__}")
-            _check_noise(noise, noise.shape[0] if noise.dim() == 1 else -1, noise.device)
+            if noise.dim() != 1:
+                raise ValueError(f"nce: noise must be a 1-D probability vector, got shape {tuple(noise.shape)}")
+            _check_noise(noise, noise.shape[0], noise.device)
         self.register_buffer("noise", None if noise is None else noise.detach().clone())
         self.sampled = bool(sampled)
         self.generator = generator

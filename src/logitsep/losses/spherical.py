@@ -17,8 +17,10 @@ from .registry import register
 
 
 def _check_b(b: object) -> float:
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(float(b)):
-        raise TypeError(f"z_loss: b must be a finite real number, got {b!r}")
+    if isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise TypeError(f"z_loss: b must be a real number, got {type(b).__name__}")
+    if not math.isfinite(float(b)):
+        raise ValueError(f"z_loss: b must be finite, got {b}")
     return float(b)
 
 
