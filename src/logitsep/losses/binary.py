@@ -134,7 +134,8 @@ class NCELoss(nn.Module):
             if not isinstance(noise, Tensor):
                 raise TypeError(f"nce: noise must be a torch.Tensor or None, got {type(noise).__name__}")
             if noise.dim() != 1:
-                raise ValueError(f"nce: noise must be a 1-D probability vector, got shape {tuple(noise.shape)}")
+                shape = tuple(noise.shape)
+                raise ValueError(f"nce: noise must be a probability vector of length k (1-D), got shape {shape}")
             _check_noise(noise, noise.shape[0], noise.device)
         self.register_buffer("noise", None if noise is None else noise.detach().clone())
         self.sampled = bool(sampled)
