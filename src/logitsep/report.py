@@ -52,7 +52,8 @@ def paper_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False,
         body.append([r["loss"], aligned, *(1 - r[k] for k in SLC_KEYS), *extras])
     improvement = relative_improvement_row(rows)
     if improvement is not None:
-        body.append(["mean relative improvement", "", *(f"{100 * improvement[k]:.1f}%" for k in SLC_KEYS),
+        body.append(["mean relative improvement", "",
+                     *("–" if math.isnan(improvement[k]) else f"{100 * improvement[k]:.1f}%" for k in SLC_KEYS),
                      *("" for _ in extra)])
     return text_table(body, header, markdown=markdown)
 

@@ -36,9 +36,12 @@ def environment() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command as the user typed it (``logitsep ...`` when run through the console script)."""
+    """The command as the user typed it: ``logitsep ...`` for the console script, ``python -m module ...``."""
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("logitsep", "__main__.py"):
+    original = list(getattr(sys, "orig_argv", []))
+    if "-m" in original:
+        argv = ["python", *original[original.index("-m"):]]
+    elif argv and Path(argv[0]).name == "logitsep":
         argv[0] = "logitsep"
     return " ".join(shlex.quote(a) for a in argv)
 
