@@ -116,3 +116,11 @@ def test_cli_reproduce_writes_table_files(tmp_path, capsys):
     md = (tmp_path / "table1.md").read_text()
     assert "mean relative improvement" in md and "Command:" in md
     assert (tmp_path / "table1.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_demo_prints_the_paper_table_on_real_mnist(capsys):
+    assert main(["demo", "--steps", "150"]) == 0
+    out = capsys.readouterr().out
+    assert "1−AUPRC" in out and "mean relative improvement" in out
+    assert "batch_ce" in out and "ce with all" in out.lower()

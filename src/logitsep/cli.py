@@ -149,6 +149,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# Learning rates of the demo, chosen by validation accuracy from {1, 0.3, 0.1, 0.03} with
+# `logitsep reproduce table1 --dataset mnist --losses ce,batch_ce --steps 1500 --lrs 1,0.3,0.1,0.03 --out DIR`
+# (batch_ce diverges at 1 and 0.3 with momentum SGD; ce is best at 0.1).
+DEMO_LRS = {"ce": 0.1, "batch_ce": 0.03}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments import run_losses
@@ -156,10 +162,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     data = load_dataset("mnist")
     log = (lambda s: None) if args.json else print
-    log(f"logitsep demo: the paper's MNIST MLP (2 x 500, batch norm, ReLU) on the 60k MNIST training images, "
-        f"{args.steps} SGD steps of {args.batch_size} per loss, scored on the 10k test images.")
-    rows = run_losses("mnist", ["ce", "batch_ce"], args.steps, [args.lr], batch_size=args.batch_size, data=data,
-                      train_split="train_full", seed=args.seed, log=log)
+    log(f"logitsep demo: the paper's MNIST MLP (2 x 500, batch norm, ReLU) trained on the 60k MNIST training "
+        f"images, {args.steps} SGD steps of {args.batch_size} per loss, scored on the 10k test images.")
+    rows = []
+    for loss, lr in DEMO_LRS.items():
+        rows += run_losses("mnist", [loss], args.steps, [lr], batch_size=args.batch_size, data=data,
+                           train_split="train_full", seed=args.seed, log=log)
     if args.json:
         _print_json(rows)
         return 0
@@ -170,6 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nFor reference, CE with all 10 logits (softmax): 1−AUPRC {1 - ce['all_logits']['auprc']:.4f}, "
           f"1−P@0.9 {1 - ce['all_logits']['precision@0.9']:.4f}, "
           f"1−P@0.99 {1 - ce['all_logits']['precision@0.99']:.4f}")
+    print("Paper (Table I, MNIST, 10^5 steps): ce .008/.005/.203, batch_ce .002/.001/.022; all logits .001/.000/.020")
     return 0
 
 
@@ -242,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/bench")
 
     p = add("demo", "train ce and batch_ce on MNIST and print the paper-style table", cmd_demo)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     return parser

@@ -44,7 +44,8 @@ def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[fl
                 log(f"  {loss} lr={lr}: diverged ({err})")
                 continue
             valid_acc = result["valid"]["accuracy"] if select else math.nan
-            log(f"  {loss:>18} lr={lr:<6g} valid acc={valid_acc:.4f}  test acc={result['test']['accuracy']:.4f}  "
+            valid = f"valid acc={valid_acc:.4f}  " if select else ""
+            log(f"  {loss:>18} lr={lr:<6g} {valid}test acc={result['test']['accuracy']:.4f}  "
                 f"({result['train_seconds']:.0f}s)")
             if best is None or (select and valid_acc > best["valid_accuracy"]):
                 best = {"result": result, "lr": lr, "valid_accuracy": valid_acc}
