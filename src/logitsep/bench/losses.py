@@ -5,7 +5,9 @@ timed in the same run on the same logits (batch 256, 1000 classes by default).
 
 Targets (issue 3): every loss of the paper within 2× of CE; ``smooth_topk_svm`` (k = 5) within 10×.
 Timing interleaves the baseline with each loss (baseline, loss, baseline, loss, ...) so that a slow phase of a
-shared machine hits both; the ratio is the median of the per-round ratios.
+shared machine hits both; the ratio is the median of the per-round ratios. On CPU the default is one thread:
+on a small shared machine, two OpenMP threads contending with another process make every kernel erratic
+(we saw F.cross_entropy vary 50× run to run), while one thread measures the work itself.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def _step(fn, base: torch.Tensor, target: torch.Tensor):
 
 
 def run(batch: int = 256, k: int = 1000, rounds: int = 9, out: str | Path | None = "results/bench/loss_speed",
-        seed: int = 0, device: str = "cpu", plot: bool = True) -> dict[str, Any]:
+        seed: int = 0, device: str = "cpu", plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
+    if threads is not None and device == "cpu":
+        torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, k, generator=gen).to(device)
     cosines = (torch.rand(batch, k, generator=gen) * 1.98 - 0.99).to(device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import (
@@ -19,7 +18,7 @@ from ._checks import (
     check_reduction,
     check_target,
 )
-from .margin import _hinge_per_example
+from .margin import true_and_largest_false
 from .registry import register
 
 
@@ -38,16 +37,15 @@ def batch_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean")
     z = check_logits(logits, "batch_ce")
     check_batch_size(z, "batch_ce")
     t = check_target(target, z, "batch_ce", multilabel=True)
-    log_q = z - torch.logsumexp(z.flatten(), dim=0)  # log Q_B(i, j)
+    log_partition = torch.logsumexp(z.flatten(), dim=0)  # log Z(B); log Q_B(i, j) = z_ij − log Z(B)
     if t.dim() == 1:
         n_pos = z.shape[0]
-        per_pair = -log_q.gather(1, t[:, None]).squeeze(1) - math.log(n_pos)
-        per_row = per_pair
+        per_row = log_partition - math.log(n_pos) - z.gather(1, t[:, None]).squeeze(1)
     else:
         n_pos = int(t.sum())
         if n_pos == 0:
             raise ValueError("batch_ce: the multi-label target has no positive pair in the batch")
-        per_row = ((-log_q - math.log(n_pos)) * t).sum(dim=1)
+        per_row = t.sum(dim=1) * (log_partition - math.log(n_pos)) - (z * t).sum(dim=1)
     if reduction == "none":
         return per_row
     total = per_row.sum()
@@ -69,11 +67,9 @@ def batch_max_margin(logits: Tensor, target: Tensor, margin: float = 1.0, reduct
     z = check_logits(logits, "batch_max_margin")
     check_batch_size(z, "batch_max_margin")
     y = check_target(target, z, "batch_max_margin")
-    true_mask = F.one_hot(y, z.shape[1]).bool()
-    smallest_true = z.gather(1, y[:, None]).amin()
-    largest_false = z.masked_fill(true_mask, float("-inf")).amax()
-    batch_hinge = torch.clamp_min(margin - smallest_true + largest_false, 0.0)
-    total = batch_hinge + _hinge_per_example(z, y, margin).sum()
+    true_logit, false_max = true_and_largest_false(z, y)  # per row; their min / max are z₊ / z₋
+    batch_hinge = torch.clamp_min(margin - true_logit.amin() + false_max.amax(), 0.0)
+    total = batch_hinge + torch.clamp_min(margin - true_logit + false_max, 0.0).sum()
     return total / z.shape[0] if reduction == "mean" else total
 
 

@@ -16,13 +16,6 @@ from ._checks import check_logits, check_positive, check_reduction, check_target
 from .registry import register
 
 
-def _positives(target: Tensor, k: int) -> Tensor:
-    """Boolean ``[m, k]`` matrix of positive pairs from indices or a (validated) 0/1 matrix."""
-    if target.dim() == 2:
-        return target
-    return F.one_hot(target, k).bool()
-
-
 def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Binary cross-entropy summed over classes, ``ℓ(z, r) = −Σ_j [r_j log σ(z_j) + (1−r_j) log(1−σ(z_j))]``.
 
@@ -31,9 +24,17 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     """
     check_reduction(reduction, "bce")
     z = check_logits(logits, "bce")
-    pos = _positives(check_target(target, z, "bce", multilabel=True), z.shape[1])
-    per_row = F.softplus(torch.where(pos, -z, z)).sum(dim=1)
+    target = check_target(target, z, "bce", multilabel=True)
+    # softplus(−z) = softplus(z) − z: every class contributes softplus(z_j), the positives also −z_j.
+    per_row = F.softplus(z).sum(dim=1) - _sum_at_positives(z, target)
     return reduce(per_row, reduction)
+
+
+def _sum_at_positives(values: Tensor, target: Tensor) -> Tensor:
+    """Per row, the sum of ``values`` over the positive classes (class indices or a boolean matrix)."""
+    if target.dim() == 1:
+        return values.gather(1, target[:, None]).squeeze(1)
+    return (values * target).sum(dim=1)
 
 
 def _check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -81,17 +82,21 @@ def nce(
     z = check_logits(logits, "nce")
     m, k = z.shape
     target = check_target(target, z, "nce", multilabel=True)
-    pos = _positives(target, k)
-    n_pos = pos.sum(dim=1)
-    if target.dim() == 2 and bool((n_pos == 0).any()):
-        raise ValueError("nce: every row of a multi-label target needs at least one positive")
+    if target.dim() == 2:
+        n_pos = target.sum(dim=1)
+        if bool((n_pos == 0).any()):
+            raise ValueError("nce: every row of a multi-label target needs at least one positive")
+    else:
+        n_pos = torch.ones(m, dtype=z.dtype, device=z.device)
     q = _check_noise(noise, k, z.device, z.dtype)
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
     log_tq = math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(z.dtype).tiny))
-    shifted = z - log_tq  # logit of g
-    data_term = (F.softplus(-shifted) * pos).sum(dim=1)  # −Σ_{l∈P} log g_l
+    shifted = z - log_tq  # logit of g; finite everywhere thanks to the clamp above
     if not sampled:
-        noise_term = num_noise * (torch.where(q > 0, q, 0.0) * F.softplus(shifted)).sum(dim=1)
+        softplus_all = F.softplus(shifted)  # −log(1 − g_j)
+        # −Σ_{l∈P} log g_l = Σ_{l∈P} [softplus(s_l) − s_l]; a class with q_j = 0 adds 0·(finite) = 0 noise.
+        data_term = _sum_at_positives(softplus_all - shifted, target)
+        noise_term = num_noise * (softplus_all @ q)
     else:
         if num_noise != int(num_noise):
             raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
@@ -100,6 +105,10 @@ def nce(
         draws = torch.multinomial(q.float().to(draw_device), m * t, replacement=True, generator=generator)
         draws = draws.view(m, t).to(z.device)
         noise_term = F.softplus(shifted.gather(1, draws)).sum(dim=1)
+        if target.dim() == 1:
+            data_term = F.softplus(-shifted.gather(1, target[:, None]).squeeze(1))
+        else:
+            data_term = _sum_at_positives(F.softplus(-shifted), target)
     return reduce(data_term + n_pos.to(z.dtype) * noise_term, reduction)
 
 

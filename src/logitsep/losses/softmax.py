@@ -33,9 +33,10 @@ def self_normalization(logits: Tensor, target: Tensor, alpha: float = 0.1, reduc
     check_reduction(reduction, "self_norm")
     z = check_logits(logits, "self_norm")
     y = check_target(target, z, "self_norm")
-    log_normaliser = torch.logsumexp(z, dim=1)
-    true_logit = z.gather(1, y[:, None]).squeeze(1)
-    return reduce(log_normaliser - true_logit + alpha * log_normaliser.square(), reduction)
+    # One log-softmax pass (torch's fused cross-entropy) gives both terms: lse(z) = −log softmax(z)_y + z_y.
+    nll = F.cross_entropy(z, y, reduction="none")
+    log_normaliser = nll + z.gather(1, y[:, None]).squeeze(1)
+    return reduce(nll + alpha * log_normaliser.square(), reduction)
 
 
 def decoupled_softmax(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
