@@ -128,13 +128,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     settings = {"dataset": args.dataset, "model": args.model, "steps": args.steps, "lrs": lrs,
                 "batch_size": args.batch_size, "seed": args.seed, "optimizer": "SGD momentum 0.9, cosine decay"}
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    from .data import load_dataset
+
+    data = load_dataset(args.dataset)
+    scores: dict[str, Any] = {}
     rows = run_losses(args.dataset, losses, args.steps, lrs, batch_size=args.batch_size, model=args.model,
-                      seed=args.seed, log=log)
+                      seed=args.seed, log=log, data=data, test_scores=scores)
     verdicts = measured_alignment(rows) if args.table == "alignment" else None
     title = {"table1": f"SLC metrics per loss on {args.dataset} (paper Table I protocol)",
              "table2": f"SLC vs all logits on {args.dataset} (paper Table II protocol)",
              "alignment": f"Measured logit separation of every registered loss on {args.dataset}"}[args.table]
-    paths = write_report(args.out, args.table, rows, title, settings, verdicts)
+    paths = write_report(args.out, args.table, rows, title, settings, verdicts, test_scores=scores,
+                         test_target=data.test_y.numpy())
     if args.table == "table2":
         from ._io import write_json
 

@@ -17,8 +17,8 @@ from ._io import write_json, write_text
 from .bench._common import command_line, environment
 from .data import Splits, load_dataset
 from .losses import LOSSES
-from .report import bar_plot, paper_table, text_table
-from .train import TrainConfig, train
+from .report import bar_plot, paper_table, separation_plot, text_table
+from .train import TrainConfig, predict, train
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
 ROW_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_auroc", "accuracy")
@@ -26,9 +26,11 @@ ROW_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_
 
 def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float], batch_size: int = 128,
                model: str = "mlp", seed: int = 0, data: Splits | None = None, train_split: str = "train",
-               progress: bool | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+               progress: bool | None = None, log: Callable[[str], None] = print,
+               test_scores: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Train every loss at every learning rate; keep, per loss, the run with the best validation accuracy
-    (when there is a single rate, no validation is needed) and return its test metrics as one row."""
+    (when there is a single rate, no validation is needed) and return its test metrics as one row.
+    ``test_scores``, when given, receives each kept model's test scores ``[n, k]`` under the loss name."""
     data = data if data is not None else load_dataset(dataset)
     select = len(lrs) > 1
     rows = []
@@ -39,7 +41,7 @@ def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[fl
                                  seed=seed, train_split=train_split)
             splits = ("valid", "test") if select else ("test",)
             try:
-                _, result = train(config, data=data, progress=progress, eval_splits=splits)
+                trained, result = train(config, data=data, progress=progress, eval_splits=splits)
             except FloatingPointError as err:  # a diverging learning rate is a legitimate outcome of the grid
                 log(f"  {loss} lr={lr}: diverged ({err})")
                 continue
@@ -49,6 +51,8 @@ def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[fl
                 f"({result['train_seconds']:.0f}s)")
             if best is None or (select and valid_acc > best["valid_accuracy"]):
                 best = {"result": result, "lr": lr, "valid_accuracy": valid_acc}
+                if test_scores is not None:
+                    test_scores[loss] = predict(trained, data.test_x).numpy()
         if best is None:
             raise FloatingPointError(f"{loss}: every learning rate in {list(lrs)} diverged")
         test = best["result"]["test"]
@@ -95,8 +99,10 @@ def table2_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(out: str | Path, name: str, rows: list[dict[str, Any]], title: str, settings: dict[str, Any],
-                 verdicts: dict[str, str] | None = None) -> dict[str, Path]:
-    """``out/name.json`` (the rows), ``out/name.md`` (paper layout + how it was made), ``out/name.png``."""
+                 verdicts: dict[str, str] | None = None, test_scores: dict[str, np.ndarray] | None = None,
+                 test_target: np.ndarray | None = None) -> dict[str, Path]:
+    """``out/name.json`` (the rows), ``out/name.md`` (paper layout + how it was made), ``out/name.png`` (bars);
+    with test scores also ``out/name_logits.png`` (true vs false logit distributions per loss)."""
     out = Path(out)
     env = environment()
     paths = {"json": write_json(out / f"{name}.json", rows)}
@@ -118,6 +124,11 @@ def write_report(out: str | Path, name: str, rows: list[dict[str, Any]], title: 
               f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, "
               f"CUDA device: {env['cuda']}; {env['date']}.", "",
               f"![{name}]({name}.png)", ""]
+    if test_scores and test_target is not None:
+        paths["logits_png"] = separation_plot(test_scores, test_target, [r["loss"] for r in rows],
+                                              {r["loss"]: r["pols_aligned"] for r in rows}, out / f"{name}_logits.png")
+        lines += ["True and false test logits of each loss (PoLS: the two histograms should not overlap):", "",
+                  f"![{name} logits]({name}_logits.png)", ""]
     paths["md"] = write_text(out / f"{name}.md", "\n".join(lines))
     paths["png"] = bar_plot(rows, out / f"{name}.png", title)
     return paths

@@ -74,6 +74,7 @@ def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {True: "tab:green", False: "tab:red", None: "tab:gray"}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.35 * len(rows) + 1.6), sharey=True)
@@ -82,6 +83,7 @@ def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
         values = [max(1 - r[key], 1e-5) for r in rows]
         ax.barh(names, values, color=[colours[r.get("pols_aligned")] for r in rows])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
         ax.set_xlabel(HEADERS[key] + " (lower is better)")
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
@@ -92,5 +94,44 @@ def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def separation_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str], aligned: Mapping[str, bool | None],
+                    path: str | Path) -> Path:
+    """Small multiples, one per loss: histograms of the true logits (z_y(x)) and the false logits (z_j(x), j ≠ y)
+    over the test set, each normalised to unit area. Under the PoLS the two do not overlap: one threshold
+    separates them for every class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    target = np.asarray(target)
+    names = [n for n in order if n in scores]
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.5 * rows), squeeze=False)
+    word = {True: "aligned", False: "not aligned", None: "not established"}
+    for ax, name in zip(axes.flat, names, strict=False):
+        s = np.asarray(scores[name], dtype=np.float64)
+        true_mask = np.zeros_like(s, dtype=bool)
+        true_mask[np.arange(len(target)), target] = True
+        lo, hi = np.percentile(s, [0.05, 99.95])
+        bins = np.linspace(lo, hi, 80)
+        ax.hist(s[~true_mask], bins=bins, density=True, alpha=0.6, color="tab:red", label="false logits")
+        ax.hist(s[true_mask], bins=bins, density=True, alpha=0.6, color="tab:blue", label="true logits")
+        ax.set_yscale("log")
+        ax.set_title(f"{name} ({word[aligned.get(name)]})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

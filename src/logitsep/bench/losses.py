@@ -80,6 +80,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from .._io import atomic_write
 
@@ -92,6 +93,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(limit, color="black", lw=0.8, ls="--")
     ax.axvline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.set_xlabel(f"forward+backward time / F.cross_entropy (batch {rows[0]['batch']}, {rows[0]['classes']} classes)")
     ax.set_title("Loss speed relative to cross-entropy (dashed: targets 2x, 10x)")
     fig.tight_layout()

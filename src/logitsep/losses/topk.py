@@ -104,28 +104,43 @@ def _leaf_stage(x: Tensor, k: int) -> Tensor:
     return poly
 
 
-def _leaf_stage_backward(x: Tensor, adj: Tensor) -> Tensor:
-    """Adjoint of ``x`` ``[m, 4Q]`` from the adjoint ``adj`` of :func:`_leaf_stage`'s output (``adj[0]`` unused)."""
+def _leaf_stage_backward(x: Tensor, adj: Tensor, n: int) -> Tensor:
+    """``x_i·∂/∂x_i`` of ``Σ_j adj_j·e_j`` through :func:`_leaf_stage` (``adj[0]`` unused), for the first ``n``
+    columns of ``x``: a new contiguous ``[m, n]`` tensor (the gradient with respect to ``s = log x``).
+
+    Written quarter by quarter straight into the result, with at most four ``[m, Q]`` temporaries alive.
+    """
     quarter = x.shape[1] // 4
     a, b, c, d = x[:, :quarter], x[:, quarter : 2 * quarter], x[:, 2 * quarter : 3 * quarter], x[:, 3 * quarter :]
-    if adj.shape[0] == 2:  # e_1 only
-        return adj[1].repeat(1, 4)
-    p, r, q, t = a + b, c + d, a * b, c * d
-    adj_p, adj_r = torch.addcmul(adj[1], adj[2], r), torch.addcmul(adj[1], adj[2], p)
-    adj_q = adj_t = adj[2]
-    if adj.shape[0] > 3:
-        adj_p.addcmul_(adj[3], t)
-        adj_r.addcmul_(adj[3], q)
-        adj_q, adj_t = torch.addcmul(adj[2], adj[3], r), torch.addcmul(adj[2], adj[3], p)
-    if adj.shape[0] > 4:
-        adj_q.addcmul_(adj[4], t)
-        adj_t.addcmul_(adj[4], q)
-    adj_x = torch.empty_like(x)
-    torch.addcmul(adj_p, adj_q, b, out=adj_x[:, :quarter])
-    torch.addcmul(adj_p, adj_q, a, out=adj_x[:, quarter : 2 * quarter])
-    torch.addcmul(adj_r, adj_t, d, out=adj_x[:, 2 * quarter : 3 * quarter])
-    torch.addcmul(adj_r, adj_t, c, out=adj_x[:, 3 * quarter :])
-    return adj_x
+    widths = [max(0, min(quarter, n - i * quarter)) for i in range(4)]
+    grad = x.new_empty(x.shape[0], n)
+    degree = adj.shape[0] - 1
+
+    def write(slot: int, adj_sum: Tensor, adj_prod: Tensor | None, partner: Tensor, own: Tensor) -> None:
+        width = widths[slot]
+        if width == 0:
+            return
+        out = grad[:, slot * quarter : slot * quarter + width]
+        if adj_prod is None:  # e_1 only: ∂e_1/∂x = 1
+            torch.mul(adj_sum[:, :width], own[:, :width], out=out)
+        else:  # ∂/∂a = adj_p + adj_q·b
+            torch.addcmul(adj_sum[:, :width], adj_prod[:, :width], partner[:, :width], out=out).mul_(own[:, :width])
+
+    for (first, second), (other_first, other_second), slots in (((a, b), (c, d), (0, 1)), ((c, d), (a, b), (2, 3))):
+        if degree == 1:
+            adj_sum, adj_prod = adj[1], None
+        else:  # adj of p = first + second and of q = first·second, given the other pair's r, t
+            r = other_first + other_second
+            adj_sum, adj_prod = torch.addcmul(adj[1], adj[2], r), adj[2]
+            if degree >= 3:
+                t = other_first * other_second
+                adj_sum.addcmul_(adj[3], t)
+                adj_prod = torch.addcmul(adj[2], adj[3], r)
+                if degree >= 4:
+                    adj_prod.addcmul_(adj[4], t)
+        write(slots[0], adj_sum, adj_prod, second, first)
+        write(slots[1], adj_sum, adj_prod, first, second)
+    return grad
 
 
 def _pair_level(poly: Tensor, k: int) -> Tensor:
@@ -188,9 +203,10 @@ def _esp_levels(x: Tensor, k: int) -> list[Tensor]:
     return levels
 
 
-def _esp_levels_backward(levels: list[Tensor], adj: Tensor) -> Tensor:
+def _esp_levels_backward(levels: list[Tensor], adj: Tensor, n: int) -> Tensor:
     """Reverse pass of :func:`_esp_levels`: from ``adj`` ``[k + 1, m, 1]``, the adjoint of ``e_0..e_k``
-    (``adj[0]`` is ignored), to the adjoint of ``x``: ``Σ_r adj_r·e_{r−1}(x∖i)`` for each element i.
+    (``adj[0]`` is ignored), to ``x_i·Σ_r adj_r·e_{r−1}(x∖i)`` for the first ``n`` elements: the gradient with
+    respect to ``log x``, a new contiguous ``[m, n]`` tensor.
 
     The leave-one-out polynomials ``e_r(x∖i)`` are never formed by subtraction: each level sends its adjoint
     to both halves through the other half's non-negative coefficients. With ``adj ≥ 0`` every number is a
@@ -198,7 +214,7 @@ def _esp_levels_backward(levels: list[Tensor], adj: Tensor) -> Tensor:
     """
     for level in range(len(levels) - 1, 1, -1):
         adj = _pair_level_backward(levels[level - 1], adj)
-    return _leaf_stage_backward(levels[0], adj)
+    return _leaf_stage_backward(levels[0], adj, n)
 
 
 class _LogRatio(torch.autograd.Function):
@@ -267,12 +283,9 @@ class _LogRatio(torch.autograd.Function):
             adj_g[:-1].addcmul_(f[1:], d_akm1.expand(k, -1))
             adj_f = g * d_ak
             adj_f[1:].addcmul_(g[:-1], d_akm1.expand(k, -1))
-        x = levels_r[0]
-        adj_s = _esp_levels_backward(levels_r, adj_g[:, :, None])[:, :n].mul_(x[:, :n])  # d e^s/ds = e^s
-        if levels_t is not None:  # (x is 0 at the top k and y, so is adj_s)
-            w = levels_t[0][:, :k]
-            adj_top = _esp_levels_backward(levels_t, adj_f[:, :, None])[:, :k].mul_(w).neg_()  # d e^{−s}/ds
-            adj_s.scatter_(1, top, adj_top)
+        adj_s = _esp_levels_backward(levels_r, adj_g[:, :, None], n)  # 0 at the top k and y (x = 0 there)
+        if levels_t is not None:  # d e^{−s}/ds = −e^{−s}
+            adj_s.scatter_(1, top, _esp_levels_backward(levels_t, adj_f[:, :, None], k).neg_())
         adj_s.scatter_(1, y[:, None], (grad_s_y.to(adj_s.dtype) / ctx.kt)[:, None])
         return adj_s.to(ctx.in_dtype), None, None, None, None, None, None
 
@@ -388,7 +401,7 @@ def smooth_topk_svm(
 
     with torch.no_grad():
         spread = float((row_max - row_min).amax()) / (k * tau)
-    if n - 1 > k and spread <= _fast_spread_limit(k, dtype, eps, hard_fallback):
+    if n - 1 > k and spread < _fast_spread_limit(k, dtype, eps, hard_fallback):
         # every e^{s_j} in [e^{−spread}, 1] in the frame of the row maximum: no top-k split needed
         log_ratio, s_y, _, _ = _LogRatio.apply(z, row_max.to(dtype), None, y, k * tau, k, dtype)
         t = alpha / tau + log_ratio - s_y
