@@ -6,8 +6,8 @@
 True
 
 Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin), ``binary`` (bce, nce),
-``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss), ``cosine`` (cosface, arcface, elasticface,
-norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
+``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss), ``topk`` (smooth_topk_svm),
+``cosine`` (cosface, arcface, elasticface, norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
 """
 
 from .batch import BatchCrossEntropyLoss, BatchMaxMarginLoss, batch_cross_entropy, batch_max_margin
@@ -35,6 +35,7 @@ from .softmax import (
     self_normalization,
 )
 from .spherical import ZLoss, z_loss, z_score
+from .topk import SmoothTopkSVMLoss, smooth_topk_svm
 
 __all__ = [
     "LOSSES",
@@ -56,6 +57,7 @@ __all__ = [
     "MaxMarginLoss",
     "NCELoss",
     "SelfNormalizationLoss",
+    "SmoothTopkSVMLoss",
     "ZLoss",
     "batch_cross_entropy",
     "batch_max_margin",
@@ -67,6 +69,7 @@ __all__ = [
     "nce",
     "register",
     "self_normalization",
+    "smooth_topk_svm",
     "z_loss",
     "z_score",
 ]
