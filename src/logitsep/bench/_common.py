@@ -18,6 +18,8 @@ import torch
 
 from .._io import write_csv, write_json
 
+_STEADY = [False]
+
 
 def environment() -> dict[str, Any]:
     """Machine and library versions, recorded next to every benchmark figure."""
@@ -31,8 +33,30 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "steady_allocator": _STEADY[0],
     }
     return env
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process (glibc ``mallopt``: no mmap/trim for blocks under 1 GiB).
+
+    Every [256, 1000] float32 temporary is 1 MiB; by default glibc maps such blocks fresh and unmaps them on free,
+    so each call of a loss pays ~256 page faults per temporary (about 2 µs each on these VMs): timings then
+    measure the kernel's page-fault path more than the arithmetic, and vary with glibc's adaptive threshold.
+    Benchmarks call this first so that both sides of a ratio are measured the same, steady way.
+    Returns whether it applied (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _STEADY[0] = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    return _STEADY[0]
 
 
 def command_line() -> str:

@@ -92,11 +92,14 @@ def nce(
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
     log_tq = math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(z.dtype).tiny))
     shifted = z - log_tq  # logit of g; finite everywhere thanks to the clamp above
+    # −Σ_{l∈P} log g_l = Σ_{l∈P} softplus(−s_l): gathered first for class indices (no full-size temporary).
+    if target.dim() == 1:
+        data_term = F.softplus(-shifted.gather(1, target[:, None]).squeeze(1))
+    else:
+        data_term = _sum_at_positives(F.softplus(-shifted), target)
     if not sampled:
-        softplus_all = F.softplus(shifted)  # −log(1 − g_j)
-        # −Σ_{l∈P} log g_l = Σ_{l∈P} [softplus(s_l) − s_l]; a class with q_j = 0 adds 0·(finite) = 0 noise.
-        data_term = _sum_at_positives(softplus_all - shifted, target)
-        noise_term = num_noise * (softplus_all @ q)
+        # −t·E_q log(1 − g_j) = t·Σ_j q_j·softplus(s_j); a class with q_j = 0 adds 0·(finite) = 0.
+        noise_term = num_noise * (F.softplus(shifted) @ q)
     else:
         if num_noise != int(num_noise):
             raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
@@ -105,10 +108,6 @@ def nce(
         draws = torch.multinomial(q.float().to(draw_device), m * t, replacement=True, generator=generator)
         draws = draws.view(m, t).to(z.device)
         noise_term = F.softplus(shifted.gather(1, draws)).sum(dim=1)
-        if target.dim() == 1:
-            data_term = F.softplus(-shifted.gather(1, target[:, None]).squeeze(1))
-        else:
-            data_term = _sum_at_positives(F.softplus(-shifted), target)
     return reduce(data_term + n_pos.to(z.dtype) * noise_term, reduction)
 
 

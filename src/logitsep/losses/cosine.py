@@ -64,7 +64,7 @@ def _check_cosines(cosines: object, loss: str) -> Tensor:
             f"{loss}: cosines must lie in [-1, 1] (up to {tol:.3g} of rounding), found values in "
             f"[{lo:.6g}, {hi:.6g}]; pass cosine similarities (e.g. CosineHead(d, k)(h)), not unnormalised logits"
         )
-    return c.clamp(-1.0, 1.0)
+    return c if -1.0 <= lo and hi <= 1.0 else c.clamp(-1.0, 1.0)  # clamp (a full copy) only when needed
 
 
 def _check_generator(generator: object, loss: str) -> torch.Generator | None:
