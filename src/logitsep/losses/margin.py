@@ -11,12 +11,14 @@ from .registry import register
 
 def true_and_largest_false(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of validated inputs: the true logit ``z_y`` and the largest false logit ``max_{j≠y} z_j``."""
-    true_logit = z.gather(1, y[:, None]).squeeze(1)
-    # The two largest logits of the row: the largest false one is the first unless the first is the true one.
-    # (topk's backward is a scatter of two values per row, far cheaper than amax's tie-splitting mask.)
-    top_values, top_indices = torch.topk(z, 2, dim=1)
-    false_max = torch.where(top_indices[:, 0] == y, top_values[:, 1], top_values[:, 0])
-    return true_logit, false_max
+    # The largest false logit is the row's largest unless that one is the true class; then it is the second.
+    # Its index is found without gradient, and one gather of [true, false] columns carries the gradient (a
+    # two-value scatter per row, far cheaper than the tie-splitting mask behind amax's backward).
+    with torch.no_grad():
+        top_two = torch.topk(z, 2, dim=1).indices
+        false_index = torch.where(top_two[:, 0] == y, top_two[:, 1], top_two[:, 0])
+    pair = z.gather(1, torch.stack([y, false_index], dim=1))
+    return pair[:, 0], pair[:, 1]
 
 
 def max_margin(logits: Tensor, target: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
