@@ -195,9 +195,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from .bench.losses import run
 
-        result = run(batch=args.batch, k=args.k if args.k else 1000, out=f"{args.out}/loss_speed")
+        result = run(batch=args.batch, k=args.k, out=f"{args.out}/loss_speed")
     if args.json:
         _print_json(result)
+        return 0
+    from .report import text_table
+
+    if args.what == "metrics":
+        print(text_table([[r["dtype"], r["what"], r["median_s"], r["ratio_to_sort"]] for r in result["rows"]],
+                         ["dtype", "what", "median seconds", "× np.sort"]))
+    else:
+        print(text_table([[r["loss"], r["loss_us"], r["ce_us"], r["ratio_to_ce"], r["target"]] for r in result["rows"]],
+                         ["loss", "µs (fwd+bwd)", "CE µs", "× CE", "target"]))
+    print(f"wrote {args.out}/")
     return 0
 
 
@@ -251,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", "speed benchmarks; CSV/JSON and a plot in --out", cmd_bench)
     p.add_argument("what", choices=["metrics", "losses"])
     p.add_argument("--n", type=int, default=10_000, help="metrics: examples")
-    p.add_argument("--k", type=int, default=None, help="classes (metrics: 1000; losses: 1000)")
+    p.add_argument("--k", type=int, default=1000, help="classes")
     p.add_argument("--batch", type=int, default=256, help="losses: batch size")
     p.add_argument("--out", default="results/bench")
 
@@ -265,8 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.what == "metrics" and args.k is None:
-        args.k = 1000
     try:
         return args.func(args)
     except DatasetNotFoundError as err:
