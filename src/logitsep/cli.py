@@ -202,10 +202,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .report import text_table
 
     if args.what == "metrics":
-        print(text_table([[r["dtype"], r["what"], r["median_s"], r["ratio_to_sort"]] for r in result["rows"]],
-                         ["dtype", "what", "median seconds", "× np.sort"]))
+        print(text_table([[r["dtype"], r["what"], f"{r['median_s']:.4f}", f"{r['ratio_to_sort']:.2f}"]
+                          for r in result["rows"]], ["dtype", "what", "median seconds", "× np.sort"]))
     else:
-        print(text_table([[r["loss"], r["loss_us"], r["ce_us"], r["ratio_to_ce"], r["target"]] for r in result["rows"]],
+        print(text_table([[r["loss"], f"{r['loss_us']:.0f}", f"{r['ce_us']:.0f}", f"{r['ratio_to_ce']:.2f}",
+                           "–" if r["target"] is None else f"≤ {r['target']:g}"] for r in result["rows"]],
                          ["loss", "µs (fwd+bwd)", "CE µs", "× CE", "target"]))
     print(f"wrote {args.out}/")
     return 0

@@ -11,12 +11,11 @@ from .registry import register
 
 def true_and_largest_false(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of validated inputs: the true logit ``z_y`` and the largest false logit ``max_{j≠y} z_j``."""
-    # The largest false logit is the row's largest unless that one is the true class; then it is the second.
-    # Its index is found without gradient, and one gather of [true, false] columns carries the gradient (a
-    # two-value scatter per row, far cheaper than the tie-splitting mask behind amax's backward).
+    # The index of the largest false logit is found without gradient (a masked max: ~10% cheaper than topk(2) on
+    # CPU); one gather of the [true, false] columns then carries the gradient, a two-value scatter per row, far
+    # cheaper than the tie-splitting mask behind amax's backward.
     with torch.no_grad():
-        top_two = torch.topk(z, 2, dim=1).indices
-        false_index = torch.where(top_two[:, 0] == y, top_two[:, 1], top_two[:, 0])
+        false_index = z.scatter(1, y[:, None], float("-inf")).max(dim=1).indices
     pair = z.gather(1, torch.stack([y, false_index], dim=1))
     return pair[:, 0], pair[:, 1]
 
