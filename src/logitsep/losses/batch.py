@@ -18,6 +18,7 @@ from ._checks import (
     check_reduction,
     check_target,
 )
+from .binary import _sum_at_positives
 from .margin import true_and_largest_false
 from .registry import register
 
@@ -38,14 +39,11 @@ def batch_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean")
     check_batch_size(z, "batch_ce")
     t = check_target(target, z, "batch_ce", multilabel=True)
     log_partition = torch.logsumexp(z.flatten(), dim=0)  # log Z(B); log Q_B(i, j) = z_ij − log Z(B)
-    if t.dim() == 1:
-        n_pos = z.shape[0]
-        per_row = log_partition - math.log(n_pos) - z.gather(1, t[:, None]).squeeze(1)
-    else:
-        n_pos = int(t.sum())
-        if n_pos == 0:
-            raise ValueError("batch_ce: the multi-label target has no positive pair in the batch")
-        per_row = t.sum(dim=1) * (log_partition - math.log(n_pos)) - (z * t).sum(dim=1)
+    positives_per_row = t.sum(dim=1) if t.dim() == 2 else 1  # class indices: one positive per row
+    n_pos = int(t.sum()) if t.dim() == 2 else z.shape[0]
+    if n_pos == 0:
+        raise ValueError("batch_ce: the multi-label target has no positive pair in the batch")
+    per_row = positives_per_row * (log_partition - math.log(n_pos)) - _sum_at_positives(z, t)
     if reduction == "none":
         return per_row
     total = per_row.sum()
