@@ -4,7 +4,7 @@
     logitsep train ...                   train one model, checkpoint + metrics.json in --out
     logitsep evaluate DIR                SLC metrics of a trained run
     logitsep reproduce table1|table2|alignment --dataset D --out DIR
-    logitsep bench metrics|losses        speed benchmarks (ratios to a baseline timed in the same run)
+    logitsep bench NAME                  speed benchmarks (ratios to a baseline timed in the same run)
     logitsep demo                        MNIST: ce vs batch_ce, the paper-style table
 """
 
@@ -187,29 +187,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each benchmark is a module of logitsep.bench with ``add_arguments(parser)`` and ``cli(args) -> int``.
+BENCHMARKS = {
+    "metrics": "slc_metrics against np.sort of the same scores",
+    "losses": "forward+backward of every loss against cross-entropy",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "metrics":
-        from .bench.metrics import run
+    import importlib
 
-        result = run(n=args.n, k=args.k, out=f"{args.out}/metrics_speed")
-    else:
-        from .bench.losses import run
-
-        result = run(batch=args.batch, k=args.k, out=f"{args.out}/loss_speed")
-    if args.json:
-        _print_json(result)
-        return 0
-    from .report import text_table
-
-    if args.what == "metrics":
-        print(text_table([[r["dtype"], r["what"], f"{r['median_s']:.4f}", f"{r['ratio_to_sort']:.2f}"]
-                          for r in result["rows"]], ["dtype", "what", "median seconds", "× np.sort"]))
-    else:
-        print(text_table([[r["loss"], f"{r['loss_us']:.0f}", f"{r['ce_us']:.0f}", f"{r['ratio_to_ce']:.2f}",
-                           "–" if r["target"] is None else f"≤ {r['target']:g}"] for r in result["rows"]],
-                         ["loss", "µs (fwd+bwd)", "CE µs", "× CE", "target"]))
-    print(f"wrote {args.out}/")
-    return 0
+    return importlib.import_module(f"logitsep.bench.{args.what}").cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,12 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
-    p = add("bench", "speed benchmarks; CSV/JSON and a plot in --out", cmd_bench)
-    p.add_argument("what", choices=["metrics", "losses"])
-    p.add_argument("--n", type=int, default=10_000, help="metrics: examples")
-    p.add_argument("--k", type=int, default=1000, help="classes")
-    p.add_argument("--batch", type=int, default=256, help="losses: batch size")
-    p.add_argument("--out", default="results/bench")
+    p = sub.add_parser("bench", help="speed benchmarks; CSV/JSON and a plot in results/bench",
+                       description="speed benchmarks; each reports ratios to a baseline timed in the same run")
+    bench_sub = p.add_subparsers(dest="what", required=True)
+    for name, text in BENCHMARKS.items():
+        import importlib
+
+        q = bench_sub.add_parser(name, help=text, description=text)
+        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        q.set_defaults(func=cmd_bench, parser=q, what=name)
+        importlib.import_module(f"logitsep.bench.{name}").add_arguments(q)
 
     p = add("demo", "train ce and batch_ce on MNIST and print the paper-style table", cmd_demo)
     p.add_argument("--steps", type=int, default=2000)

@@ -14,6 +14,8 @@ on a small shared machine, two OpenMP threads contending with another process ma
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import _json_default
 from ..losses import LOSSES, get_loss
+from ..report import text_table
 from ._common import environment, steady_allocator, time_call, write_results
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
@@ -117,3 +121,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=256, help="batch size")
+    parser.add_argument("--k", type=int, default=1000, help="classes")
+    parser.add_argument("--out", default="results/bench", help="folder for loss_speed.{csv,json,png}")
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``logitsep bench losses``."""
+    result = run(batch=args.batch, k=args.k, out=f"{args.out}/loss_speed")
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+        return 0
+    print(text_table([[r["loss"], f"{r['loss_us']:.0f}", f"{r['ce_us']:.0f}", f"{r['ratio_to_ce']:.2f}",
+                       "–" if r["target"] is None else f"≤ {r['target']:g}"] for r in result["rows"]],
+                     ["loss", "µs (fwd+bwd)", "CE µs", "× CE", "target"]))
+    print(f"wrote {args.out}/loss_speed.*")
+    return 0

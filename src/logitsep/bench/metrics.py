@@ -15,6 +15,7 @@ writes ``OUT.csv``, ``OUT.json`` (rows + environment + command) and ``OUT.png`` 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import _json_default, atomic_write
 from ..metrics import _transpose, slc_metrics
+from ..report import text_table
 from ._common import write_results
 
 TARGET_RATIO = 3.0
@@ -142,3 +144,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=10_000, help="examples")
+    parser.add_argument("--k", type=int, default=1000, help="classes")
+    parser.add_argument("--out", default="results/bench", help="folder for metrics_speed.{csv,json,png}")
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``logitsep bench metrics``."""
+    result = run(n=args.n, k=args.k, out=f"{args.out}/metrics_speed")
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+        return 0
+    print(text_table([[r["dtype"], r["what"], f"{r['median_s']:.4f}", f"{r['ratio_to_sort']:.2f}"]
+                      for r in result["rows"]], ["dtype", "what", "median seconds", "× np.sort"]))
+    print(f"wrote {args.out}/metrics_speed.*")
+    return 0
