@@ -30,6 +30,7 @@ from logitsep.losses import (
     self_normalization,
     z_loss,
 )
+from logitsep.losses.spherical import z_score
 
 # --------------------------------------------------------------------------------------------------------
 # Plain-float references (values).
@@ -525,6 +526,19 @@ def test_z_loss_constant_row_has_zero_gradient():
     out.sum().backward()
     assert torch.isfinite(z.grad).all()
     assert z.grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("value", [0.1, -3.7, 1e4])
+def test_z_loss_constant_float32_row_is_not_rounding_noise(value):
+    # The float32 mean of 1000 copies of 0.1 is not exactly 0.1: the variance must not decide constancy.
+    z = torch.full((2, 1000), value, dtype=torch.float32, requires_grad=True)
+    assert (z.detach() - z.detach().mean(dim=1, keepdim=True)).square().mean() > 0 or value == 1e4
+    target = torch.tensor([0, 999])
+    out = z_loss(z, target, reduction="none")
+    assert torch.equal(z_score(z.detach(), target), torch.zeros(2))
+    assert out.detach().tolist() == pytest.approx([math.log1p(math.exp(2.0))] * 2, rel=1e-6)
+    out.sum().backward()
+    assert z.grad.abs().max() == 0
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def z_score(logits: Tensor, target: Tensor) -> Tensor:
     """
     mean = logits.mean(dim=1)
     var = (logits - mean[:, None]).square().mean(dim=1)
-    constant_row = var <= 0
+    # Decided on the logits themselves, not on ``var``: the float mean of k equal numbers can differ from them
+    # by a rounding error, leaving a tiny non-zero variance that would turn the undefined ẑ into ±1.
+    constant_row = (logits.amax(dim=1) == logits.amin(dim=1)) | (var <= 0)
     std = torch.sqrt(torch.where(constant_row, torch.ones_like(var), var))
     true_logit = logits.gather(1, target[:, None]).squeeze(1)
     return torch.where(constant_row, torch.zeros_like(var), (true_logit - mean) / std)
