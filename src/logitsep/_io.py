@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _process_umask() -> int:
+    """Read once at import: ``os.umask`` can only be read by setting it, which is not thread-safe later on."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` for a temporary file in the target's folder, then ``os.replace`` it."""
     path = Path(path)
@@ -23,9 +33,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be read by others
+        with open(tmp, "rb") as f:  # the data is on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

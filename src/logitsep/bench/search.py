@@ -1,0 +1,309 @@
+"""Class search speed: the exact scan of :class:`~logitsep.search.EmbeddingIndex` against the machine's memory
+bandwidth and a plain ``torch.mv`` over the same vectors, and FAISS IVF's recall and speed-up against it.
+
+    logitsep bench search --items 1000000 --dim 512 --json
+    # {"items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio", ...}
+
+Data, realistic for class search: ``--classes`` unit class means ``m_c`` in ``--dim`` dimensions, items
+``h = m_y + ε`` with ``‖ε‖ ≈ --noise`` (Gaussian), stored as ``[h, 1]`` (``dim + 1`` float32) in a temporary index;
+the queries are the class vectors ``[m_c, −½]`` of the Gaussian-class linear classifier, whose threshold-0 range
+query returns the class's items. The default noise, 0.7, puts the within-class spread at half the distance between
+class means (0.7/1.41), about what the paper's MLP gives on digits (test embeddings: 2.0 against 4.1).
+
+Timings are medians over ``--repeats`` rounds that interleave the measurements (a slow phase of a shared machine
+hits all of them), after warm-up, all in the same process with the same threads:
+
+* ``bandwidth_gb_per_s``: ``tensor.sum()`` over a tensor as large as the index (a pure streaming read);
+* ``torch.mv``: one matrix-vector product over the whole memory-mapped matrix (no filtering);
+* exact: ``index.search(class_vector, threshold=0)``: ``gb_per_s``, ``items_per_s``, ``torch_ratio`` =
+  time(torch.mv) / time(search) (≥ 1: no slower than torch);
+* IVF (``IndexIVFFlat``, inner product, ``--nlist`` lists) for each ``nprobe`` of ``--nprobes``: recall of the
+  threshold query's items and of the top-100 against the exact search, and the speed-up per query (one query
+  per call for both; batched calls are reported too).
+
+Targets (issue 5) at N = 10⁶, d = 512: exact scan ≥ 75% of the measured bandwidth and ``torch_ratio ≥ 1``; the
+IVF index ≥ 10× faster than the exact scan at recall ≥ 0.95 (reported for the smallest such ``nprobe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import _json_default, atomic_write
+from ..report import text_table
+from ..search import EmbeddingIndex, SearchResult
+from ._common import environment, steady_allocator, write_results
+
+TARGET_BANDWIDTH = 0.75
+TARGET_TORCH = 1.0
+TARGET_RECALL = 0.95
+TARGET_SPEEDUP = 10.0
+TOP_K = 100
+
+
+def make_data(folder: str | Path, items: int, dim: int, classes: int, noise: float = 0.7, seed: int = 0,
+              batch_rows: int = 65536) -> tuple[EmbeddingIndex, torch.Tensor]:
+    """A synthetic collection clustered by class, as an index at ``folder``, and the ``[classes, dim+1]`` class
+    vectors (see the module docstring). Returns the index opened read-only."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((classes, dim), dtype=np.float32)
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    sigma = np.float32(noise / math.sqrt(dim))
+    meta = {"synthetic": {"items": items, "dim": dim, "classes": classes, "noise": noise, "seed": seed}}
+    with EmbeddingIndex.create(folder, dim + 1, meta=meta) as index:
+        for start in range(0, items, batch_rows):
+            n = min(batch_rows, items - start)
+            rows = np.empty((n, dim + 1), dtype=np.float32)
+            rows[:, :dim] = rng.standard_normal((n, dim), dtype=np.float32)
+            rows[:, :dim] *= sigma
+            rows[:, :dim] += means[rng.integers(classes, size=n)]
+            rows[:, dim] = 1.0
+            index.append(rows)
+    queries = np.concatenate([means, np.full((classes, 1), -0.5, np.float32)], axis=1)
+    return EmbeddingIndex.open(folder), torch.from_numpy(queries)
+
+
+def _pooled_recall(found: Sequence[SearchResult], exact: Sequence[SearchResult]) -> float:
+    """Σ |found ∩ exact| / Σ |exact| over the queries (1.0 when the exact results are all empty)."""
+    total = sum(len(e) for e in exact)
+    hits = sum(len(np.intersect1d(f.ids, e.ids)) for f, e in zip(found, exact, strict=True))
+    return hits / total if total else 1.0
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds, after one warm-up call each.
+
+    A short pause precedes every call: torch and FAISS each bring an OpenMP runtime whose idle threads keep
+    spinning for a while after a parallel region, and would otherwise steal the cores of the next measurement.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(0.01)
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(items: int = 1_000_000, dim: int = 512, classes: int = 1000, queries: int = 16, noise: float = 0.7,
+        nlist: int | None = None, nprobes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 5,
+        seed: int = 0, out: str | Path | None = "results/bench/search", plot: bool = True,
+        tmp_dir: str | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the benchmark (module docstring); write ``out.{csv,json,png}``; return the summary with ``rows``."""
+    for name, value in (("items", items), ("dim", dim), ("classes", classes), ("queries", queries),
+                        ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if queries > classes:
+        raise ValueError(f"queries ({queries}) must not exceed classes ({classes}): each query is one class")
+    steady_allocator()
+    with tempfile.TemporaryDirectory(prefix="logitsep-bench-search-", dir=tmp_dir) as tmp:
+        log(f"writing {items} x {dim + 1} float32 vectors ({items * (dim + 1) * 4 / 1e9:.2f} GB) to {tmp}")
+        index, class_vecs = make_data(Path(tmp) / "index", items, dim, classes, noise, seed)
+        q = class_vecs[torch.randperm(classes, generator=torch.Generator().manual_seed(seed))[:queries]]
+        try:
+            result = _measure(index, q, nlist, nprobes, repeats, seed, log)
+        finally:
+            index.close()
+    result.update(items=items, dim=dim, stored_dim=dim + 1, classes=classes, queries=queries, noise=noise,
+                  threads=torch.get_num_threads(), repeats=repeats, environment=environment())
+    if out is not None:
+        rows = result.pop("rows")
+        files = [str(p) for p in write_results(out, rows, description=__doc__.strip().splitlines()[0],
+                                               **{k: v for k, v in result.items() if k != "environment"})]
+        if plot:
+            files.append(str(_plot(rows, result, Path(out).with_suffix(".png"))))
+        result["rows"], result["files"] = rows, files
+    return result
+
+
+def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes: Sequence[int], repeats: int,
+             seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+    n, nbytes = len(index), len(index) * index.row_bytes
+    matrix = index.vectors
+    probe_bytes = max(nbytes, 64 << 20)  # the bandwidth probe: as large as the index (at least 64 MiB)
+    big = torch.empty(probe_bytes // 4).uniform_()
+    q0 = q[0].contiguous()
+    single = {"tensor.sum": lambda: big.sum(), "torch.mv": lambda: torch.mv(matrix, q0),
+              "exact threshold": lambda: index.search(q0, threshold=0.0),
+              f"exact top-{TOP_K}": lambda: index.search(q0, top_k=TOP_K)}
+    t = _rounds(single, repeats)
+    single.clear()  # frees the probe tensor
+    bandwidth = probe_bytes / t["tensor.sum"] / 1e9
+    rows: list[dict[str, Any]] = []
+    for name, seconds in t.items():
+        scanned = nbytes if name != "tensor.sum" else probe_bytes
+        rows.append({"method": name, "nprobe": None, "ms_per_query": 1e3 * seconds,
+                     "gb_per_s": scanned / seconds / 1e9, "items_per_s": n / seconds if name != "tensor.sum" else None,
+                     "recall_threshold": 1.0 if name.startswith("exact") else None, "recall_top_k": None,
+                     "speedup_vs_exact": None, "scanned_fraction": 1.0})
+    exact_s = t["exact threshold"]
+    summary = {"items_per_s": n / exact_s, "gb_per_s": nbytes / exact_s / 1e9, "bandwidth_gb_per_s": bandwidth,
+               "torch_ratio": t["torch.mv"] / exact_s}
+    summary["bandwidth_ratio"] = summary["gb_per_s"] / bandwidth
+    log(f"bandwidth (tensor.sum) {bandwidth:.1f} GB/s; torch.mv {nbytes / t['torch.mv'] / 1e9:.1f} GB/s; exact "
+        f"search {summary['gb_per_s']:.1f} GB/s ({summary['bandwidth_ratio']:.0%} of bandwidth, "
+        f"x{summary['torch_ratio']:.2f} torch.mv)")
+
+    # the batch: every query one at a time, and all of them in one call (one scan)
+    exact_thr = index.search(q, threshold=0.0)
+    exact_top = index.search(q, top_k=TOP_K)
+    loops = {"exact one by one": lambda: [index.search(v, threshold=0.0) for v in q],
+             "exact batched": lambda: index.search(q, threshold=0.0)}
+
+    approx = None
+    if n >= 2:
+        began = time.perf_counter()
+        approx = index.approximate("ivf", nlist=nlist, seed=seed)
+        build_s = time.perf_counter() - began
+        log(f"IVF: nlist {approx.nlist}, built in {build_s:.1f} s")
+    probes = sorted({p for p in nprobes if approx is not None and 1 <= p <= approx.nlist})
+    for p in probes:
+        def one_by_one(p: int = p) -> list[SearchResult]:
+            approx.nprobe = p
+            return [approx.search(v, threshold=0.0) for v in q]
+
+        def batched(p: int = p) -> list[SearchResult]:
+            approx.nprobe = p
+            return approx.search(q, threshold=0.0)
+
+        loops[f"ivf {p} one by one"], loops[f"ivf {p} batched"] = one_by_one, batched
+    lt = _rounds(loops, repeats)
+    nq = len(q)
+    exact_one = lt["exact one by one"] / nq
+    for name in ("exact one by one", "exact batched"):
+        rows.append({"method": name.replace("exact", "exact threshold,"),
+                     "nprobe": None, "ms_per_query": 1e3 * lt[name] / nq, "gb_per_s": nq * nbytes / lt[name] / 1e9,
+                     "items_per_s": nq * n / lt[name], "recall_threshold": 1.0, "recall_top_k": 1.0,
+                     "speedup_vs_exact": exact_one / (lt[name] / nq), "scanned_fraction": 1.0})
+    best = None
+    for p in probes:
+        approx.nprobe = p
+        found = approx.search(q, threshold=0.0)
+        found_top = approx.search(q, top_k=TOP_K)
+        recall, recall_top = _pooled_recall(found, exact_thr), _pooled_recall(found_top, exact_top)
+        scanned = float(np.mean([r.scanned for r in found])) / n
+        for mode in ("one by one", "batched"):
+            per_query = lt[f"ivf {p} {mode}"] / nq
+            row = {"method": f"ivf, {mode}", "nprobe": p, "ms_per_query": 1e3 * per_query, "gb_per_s": None,
+                   "items_per_s": None, "recall_threshold": recall, "recall_top_k": recall_top,
+                   "speedup_vs_exact": exact_one / per_query if mode == "one by one"
+                   else (lt["exact batched"] / nq) / per_query, "scanned_fraction": scanned}
+            rows.append(row)
+            if mode == "one by one":
+                log(f"IVF nprobe {p:>3}: recall {recall:.4f} (top-{TOP_K} {recall_top:.4f}), "
+                    f"x{row['speedup_vs_exact']:.1f} faster than the exact scan, scans {scanned:.2%}")
+                if best is None and recall >= TARGET_RECALL:
+                    best = row
+    summary["exact_ms_per_query"] = 1e3 * exact_one
+    summary["exact_batched_ms_per_query"] = 1e3 * lt["exact batched"] / nq
+    summary["approximate"] = None if approx is None else {
+        "kind": "ivf", "nlist": approx.nlist, "build_s": build_s,
+        "nprobe": None if best is None else best["nprobe"],
+        "recall": None if best is None else best["recall_threshold"],
+        "recall_top_k": None if best is None else best["recall_top_k"],
+        "speedup": None if best is None else best["speedup_vs_exact"],
+        "scanned_fraction": None if best is None else best["scanned_fraction"]}
+    summary["targets"] = {
+        "bandwidth_ratio >= 0.75": bool(summary["bandwidth_ratio"] >= TARGET_BANDWIDTH),
+        "torch_ratio >= 1": bool(summary["torch_ratio"] >= TARGET_TORCH),
+        "ivf speedup >= 10 at recall >= 0.95": bool(best is not None and best["speedup_vs_exact"] >= TARGET_SPEEDUP)}
+    summary["rows"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    return summary
+
+
+def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    scans = [r for r in rows if r["method"] in ("tensor.sum", "torch.mv", "exact threshold", f"exact top-{TOP_K}")]
+    left.barh([r["method"] for r in scans], [r["gb_per_s"] for r in scans],
+              color=["tab:gray", "tab:blue", "tab:green", "tab:green"])
+    left.axvline(TARGET_BANDWIDTH * summary["bandwidth_gb_per_s"], color="black", ls="--", lw=0.8)
+    left.set_xlabel("GB/s read (dashed: 75% of the tensor.sum bandwidth)")
+    left.set_title(f"Exact scan, {summary['items']:,} × {summary['stored_dim']} float32, "
+                   f"{summary['threads']} threads", fontsize=10)
+    ivf = sorted((r for r in rows if r["method"] == "ivf, one by one"), key=lambda r: r["nprobe"])
+    if ivf:
+        right.plot([r["speedup_vs_exact"] for r in ivf], [r["recall_threshold"] for r in ivf], "o-",
+                   label="threshold query")
+        right.plot([r["speedup_vs_exact"] for r in ivf], [r["recall_top_k"] for r in ivf], "s--",
+                   label=f"top-{TOP_K}", alpha=0.7)
+        for r in ivf:
+            right.annotate(f"nprobe {r['nprobe']}", (r["speedup_vs_exact"], r["recall_threshold"]), fontsize=7,
+                           textcoords="offset points", xytext=(4, -10))
+        right.axhline(TARGET_RECALL, color="black", ls="--", lw=0.8)
+        right.axvline(TARGET_SPEEDUP, color="black", ls=":", lw=0.8)
+        right.set_xscale("log")
+        right.legend(fontsize=8)
+    approx = summary.get("approximate") or {}
+    right.set_xlabel("speed-up over the exact scan (one query per call)")
+    right.set_ylabel("recall against the exact search")
+    right.set_title(f"FAISS IVF, nlist {approx.get('nlist')}, {summary['classes']} classes", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--items", type=int, default=1_000_000, help="stored items N")
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimension d (stored: d + 1)")
+    parser.add_argument("--classes", type=int, default=1000, help="classes of the synthetic collection")
+    parser.add_argument("--queries", type=int, default=16, help="classes searched (one query each)")
+    parser.add_argument("--noise", type=float, default=0.7,
+                        help="norm of the within-class noise; class means have norm 1, so are ≈ 1.41 apart")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default √N)")
+    parser.add_argument("--nprobes", default="1,2,4,8,16,32,64", help="comma-separated IVF nprobe values")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--tmp-dir", default=None, help="where the temporary index is written (default: $TMPDIR)")
+    parser.add_argument("--out", default="results/bench", help="folder for search.{csv,json,png}")
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``logitsep bench search``."""
+    try:
+        nprobes = [int(p) for p in args.nprobes.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--nprobes must be comma-separated integers, got {args.nprobes!r}") from None
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    result = run(items=args.items, dim=args.dim, classes=args.classes, queries=args.queries, noise=args.noise,
+                 nlist=args.nlist, nprobes=nprobes, repeats=args.repeats, out=f"{args.out}/search",
+                 tmp_dir=args.tmp_dir, log=log)
+    if args.json:
+        keys = ["items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio", "bandwidth_ratio",
+                "exact_ms_per_query", "exact_batched_ms_per_query", "approximate", "targets"]
+        print(json.dumps({k: result[k] for k in keys}, indent=2, default=_json_default))
+        return 0
+    print(text_table([[r["method"], r["nprobe"] if r["nprobe"] is not None else "",
+                       f"{r['ms_per_query']:.3f}", "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.1f}",
+                       "" if r["recall_threshold"] is None else f"{r['recall_threshold']:.4f}",
+                       "" if r["speedup_vs_exact"] is None else f"x{r['speedup_vs_exact']:.1f}"]
+                      for r in result["rows"]],
+                     ["method", "nprobe", "ms/query", "GB/s", "recall", "speed-up"]))
+    print(f"exact scan: {result['gb_per_s']:.1f} GB/s = {result['bandwidth_ratio']:.0%} of the measured "
+          f"{result['bandwidth_gb_per_s']:.1f} GB/s; x{result['torch_ratio']:.2f} the speed of torch.mv")
+    print("wrote " + ", ".join(result.get("files", [])))
+    return 0

@@ -1,0 +1,141 @@
+"""Smoke tests of the speed benchmarks at tiny sizes (no timing assertions): `logitsep bench speed`, `head` and
+`search` run, write their files with the right keys, and compute the quantities next to the timings right."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from logitsep.bench import search as bench_search
+from logitsep.bench import speed
+from logitsep.cli import main
+
+
+def _torchvision_importable() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def conv_linear_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """Reference count, written differently from the FLOP counter: forward hooks on every Conv2d and Linear,
+    multiply-adds = output elements × inputs per output (in_channels/groups × kernel area, or in_features)."""
+    total = [0]
+
+    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            per_output = mod.in_features
+        total[0] += output.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        module(x)
+    for h in handles:
+        h.remove()
+    return total[0] // x.shape[0]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_multiply_adds_of_the_paper_backbones(name: str) -> None:
+    backbone, shape = speed.build_backbone(name)
+    x = torch.randn(1, *shape)
+    assert speed.multiply_adds(backbone, x) == conv_linear_macs(backbone, x)
+    if name == "mlp":
+        assert speed.multiply_adds(backbone, x) == 784 * 500 + 500 * 500
+
+
+def test_bound_formula() -> None:
+    assert speed.bound(1000, 1, 10) == 1.0
+    assert speed.bound(0, 1 << 10, 7) == 1 << 10  # no backbone cost: the speed-up is k
+    assert speed.bound(642_000, 1 << 18, 500) == pytest.approx((642_000 + (1 << 18) * 500) / (642_000 + 500))
+
+
+def test_class_list_parsing() -> None:
+    assert speed._int_list("1024, 2^14,2^18.5") == [1024, 16384, 370728]
+    assert speed.CLASSES == (1024, 16384, 65536, 262144, 370728)
+    for bad in ("x", "2^y", "0", ""):
+        with pytest.raises(Exception, match="expected|positive"):
+            speed._int_list(bad)
+
+
+def test_bench_speed_writes_rows_and_figure(tmp_path: Path) -> None:
+    result = speed.run(backbones=["mlp"], classes=[8, 64], batch=4, repeats=1, out=tmp_path / "speed")
+    rows = result["rows"]
+    assert [r["classes"] for r in rows] == [8, 64] and all(r["d"] == 500 for r in rows)
+    keys = {"backbone", "classes", "backbone_ms_per_example", "slc_ms_per_example", "all_ms_per_example",
+            "linear_ms_per_example", "speedup", "bound", "slc_over_backbone", "all_over_linear", "backbone_macs"}
+    assert keys <= set(rows[0])
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["all_ms_per_example"] / r["slc_ms_per_example"], rel=1e-3)
+        assert r["bound"] == pytest.approx(speed.bound(r["backbone_macs"], r["classes"], r["d"]), rel=1e-4)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["device"] == "cpu" and saved["device_name"] and len(saved["rows"]) == 2
+    with open(tmp_path / "speed.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (tmp_path / "speed.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(_torchvision_importable(), reason="torchvision is importable here")
+def test_torchvision_backbones_are_skipped_with_a_note(tmp_path: Path) -> None:
+    notes: list[str] = []
+    result = speed.run(backbones=["alexnet"], classes=[8], repeats=1, out=tmp_path / "speed", log=notes.append)
+    assert result["rows"] == [] and "alexnet" in result["skipped"] and "torchvision" in notes[0]
+    assert not (tmp_path / "speed.json").exists()
+
+
+def test_bench_speed_cli_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "speed", "--backbones", "mlp", "--classes", "2^3", "--batch-size", "2", "--repeats", "1",
+                 "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][0]["classes"] == 8 and (tmp_path / "speed.csv").is_file()
+    with pytest.raises(SystemExit):
+        main(["bench", "speed", "--backbones", "lenet"])
+    assert "unknown backbone 'lenet'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch"):
+        speed.run(backbones=["mlp"], classes=[8], batch=0, out=None)
+
+
+def test_bench_head_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "head", "--dim", "16", "--classes", "100", "--batch-size", "4", "--repeats", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"all_ms", "slc_ms", "speedup"}
+    assert out["all_ms"] > 0 and out["slc_ms"] > 0
+    assert out["speedup"] == pytest.approx(out["all_ms"] / out["slc_ms"], rel=1e-3)
+    assert main(["bench", "head", "--dim", "16", "--classes", "100", "--batch-size", "4", "--repeats", "1"]) == 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_search_small(tmp_path: Path) -> None:
+    result = bench_search.run(items=3000, dim=8, classes=20, queries=4, nlist=8, nprobes=(1, 8), repeats=1,
+                              out=tmp_path / "search", tmp_dir=str(tmp_path))
+    for key in ("items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio"):
+        assert result[key] > 0
+    assert result["gb_per_s"] == pytest.approx(result["items_per_s"] * 9 * 4 / 1e9, rel=1e-6)
+    ivf = {r["nprobe"]: r for r in result["rows"] if r["method"] == "ivf, one by one"}
+    assert ivf[8]["recall_threshold"] == 1.0 and ivf[8]["recall_top_k"] == 1.0  # every list probed: exact
+    assert ivf[8]["scanned_fraction"] == 1.0 and ivf[1]["scanned_fraction"] < 1.0
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["approximate"]["nlist"] == 8 and saved["items"] == 3000 and saved["rows"]
+    assert (tmp_path / "search.png").stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("logitsep-bench")] == []  # temp data removed
+
+
+def test_bench_search_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "search", "--items", "2000", "--dim", "8", "--classes", "10", "--queries", "2",
+                 "--nprobes", "1,2", "--repeats", "1", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio"} <= set(out)
+    assert (tmp_path / "search.csv").is_file()
+    assert main(["bench", "search", "--items", "100", "--classes", "5", "--queries", "6", "--out",
+                 str(tmp_path)]) == 2
+    assert "queries" in capsys.readouterr().err

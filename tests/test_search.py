@@ -1,0 +1,544 @@
+"""Class search: vectors whose inner products are the logits, the on-disk index (durability, corruption, readers
+during appends), exact search against brute force, FAISS search against exact, and `logitsep index` on a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from logitsep import search as search_mod
+from logitsep.heads import CosineHead, LinearHead
+from logitsep.search import (
+    DATA,
+    HEADER,
+    ClassSearch,
+    EmbeddingIndex,
+    class_vectors,
+    head_fingerprint,
+    item_vectors,
+)
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def brute_force(vectors: np.ndarray, query: np.ndarray, threshold: float | None, top_k: int | None):
+    """Reference: float64 scores of every item, sorted by (score descending, id ascending) with Python's sort."""
+    scores = [float(np.dot(v.astype(np.float64), query.astype(np.float64))) for v in vectors]
+    order = sorted(range(len(vectors)), key=lambda i: (-scores[i], i))
+    if threshold is not None:
+        order = [i for i in order if scores[i] >= threshold]
+    if top_k is not None:
+        order = order[:top_k]
+    return order, [scores[i] for i in order]
+
+
+def integer_data(gen: torch.Generator, n: int, dim: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small integers: every score is exact in float32, and many items tie (the tie-breaking rule is tested)."""
+    return (torch.randint(-3, 4, (n, dim), generator=gen).float(),
+            torch.randint(-2, 3, (q, dim), generator=gen).float())
+
+
+def files_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def index_of(tmp_path: Path):
+    def make(vectors: torch.Tensor, name: str = "index") -> EmbeddingIndex:
+        index = EmbeddingIndex.create(tmp_path / name, vectors.shape[1])
+        index.append(vectors)
+        return index
+
+    return make
+
+
+# --------------------------------------------------------------------------------- head ↔ inner products
+
+
+def test_item_and_class_vectors_give_the_linear_logits(gen: torch.Generator) -> None:
+    head = LinearHead(6, 11)
+    h = torch.randn(9, 6, generator=gen)
+    scores = (item_vectors(head, h).double() @ class_vectors(head).double().T)
+    reference = h.double() @ head.weight.detach().double().T + head.bias.detach().double()
+    torch.testing.assert_close(scores, reference, rtol=1e-6, atol=1e-6)
+    assert item_vectors(head, h).shape == (9, 7)
+    torch.testing.assert_close(class_vectors(head, [4, 2, 4]), class_vectors(head)[[4, 2, 4]])
+    torch.testing.assert_close(class_vectors(head, 3), class_vectors(head)[[3]])
+
+
+def test_vectors_of_a_bias_free_linear_and_a_cosine_head(gen: torch.Generator) -> None:
+    lin = nn.Linear(5, 4, bias=False)
+    h = torch.randn(7, 5, generator=gen)
+    torch.testing.assert_close(item_vectors(lin, h) @ class_vectors(lin).T, lin(h).detach(), rtol=1e-5, atol=1e-5)
+    cos = CosineHead(5, 4, scale=3.0)
+    h[0] = 0.0  # a zero embedding scores 0, like the head
+    w = cos.weight.detach().double()
+    reference = 3.0 * torch.stack([torch.stack([
+        (hi.double() @ wj) / max(float(hi.double().norm()), 1e-12) / float(wj.norm()) for wj in w]) for hi in h])
+    got = (item_vectors(cos, h) @ class_vectors(cos).T).double()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), cos.logits(h, torch.arange(4)).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_vector_arguments_are_checked() -> None:
+    head = LinearHead(4, 3)
+    with pytest.raises(ValueError, match=r"\[n, 4\]"):
+        item_vectors(head, torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="floating"):
+        item_vectors(head, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown class 3"):
+        class_vectors(head, [0, 3])
+    with pytest.raises(ValueError, match="unknown class -1"):
+        class_vectors(head, -1)
+    with pytest.raises(TypeError, match="integers"):
+        class_vectors(head, [0.5])
+    with pytest.raises(TypeError, match="linear head"):
+        item_vectors(nn.Conv1d(1, 1, 1), torch.zeros(1, 1))
+
+
+def test_fingerprint_changes_with_any_parameter() -> None:
+    head = LinearHead(4, 3)
+    before = head_fingerprint(head)
+    assert before == head_fingerprint(head)
+    with torch.no_grad():
+        head.bias[1] += 1e-6
+    assert head_fingerprint(head) != before
+
+
+# ------------------------------------------------------------------------------------------- exact search
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64])
+def test_exact_search_equals_brute_force(gen: torch.Generator, index_of, chunk_rows: int | None) -> None:
+    vectors, queries = integer_data(gen, 150, 5, 4)
+    index = index_of(vectors)
+    data, qs = vectors.numpy(), queries.numpy()
+    for threshold, top_k in [(2.0, None), (None, 9), (1.0, 5), (None, 1), (100.0, None), (-np.inf, None),
+                             (3.0, 1000)]:
+        results = index.search(queries, threshold=threshold, top_k=top_k, chunk_rows=chunk_rows)
+        assert len(results) == len(queries)
+        for j, result in enumerate(results):
+            ids, scores = brute_force(data, qs[j], threshold, top_k)
+            assert result.ids.tolist() == ids, (threshold, top_k, j)
+            assert result.scores.tolist() == scores
+            assert result.ids.dtype == np.int64 and result.scores.dtype == np.float32
+            assert result.scanned == len(vectors)
+
+
+def test_per_query_thresholds_and_single_queries(gen: torch.Generator, index_of) -> None:
+    vectors, queries = integer_data(gen, 80, 4, 3)
+    index = index_of(vectors)
+    batch = index.search(queries, threshold=[0.0, 2.0, 5.0])
+    for j, t in enumerate([0.0, 2.0, 5.0]):
+        one = index.search(queries[j], threshold=t)  # a 1-D query gives one result
+        assert one.ids.tolist() == batch[j].ids.tolist() == brute_force(vectors.numpy(), queries[j].numpy(), t,
+                                                                        None)[0]
+    single = index.search(queries[0].numpy().astype(np.float64), top_k=4)  # numpy float64 queries are accepted
+    assert single.ids.tolist() == brute_force(vectors.numpy(), queries[0].numpy(), None, 4)[0]
+
+
+def test_continuous_scores_match_a_float64_scan(gen: torch.Generator, index_of) -> None:
+    vectors = torch.randn(500, 33, generator=gen)
+    queries = torch.randn(6, 33, generator=gen)
+    index = index_of(vectors)
+    exact = vectors.double() @ queries.double().T
+    for j, result in enumerate(index.search(queries, top_k=20, chunk_rows=128)):
+        assert result.ids.tolist() == torch.argsort(exact[:, j], descending=True)[:20].tolist()
+        np.testing.assert_allclose(result.scores, exact[result.ids, j].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_index_and_top_k_beyond_the_count(tmp_path: Path, gen: torch.Generator) -> None:
+    index = EmbeddingIndex.create(tmp_path / "empty", 3)
+    assert len(index) == 0 and index.vectors.shape == (0, 3)
+    for result in index.search(torch.ones(2, 3), threshold=0.0, top_k=5):
+        assert len(result) == 0 and result.scanned == 0
+    reader = EmbeddingIndex.open(tmp_path / "empty")
+    assert len(reader.search(torch.ones(3), top_k=2)) == 0
+    index.append(torch.randn(3, 3, generator=gen))
+    assert len(index.search(torch.ones(3), top_k=10)) == 3
+
+
+def test_search_arguments_are_checked(gen: torch.Generator, index_of) -> None:
+    index = index_of(torch.randn(10, 4, generator=gen))
+    with pytest.raises(ValueError, match="threshold.*top_k"):
+        index.search(torch.ones(4))
+    with pytest.raises(ValueError, match="dimension is 4"):
+        index.search(torch.ones(5), top_k=1)
+    with pytest.raises(ValueError, match="dimension is 4"):
+        index.search(torch.ones(2, 3, 4), top_k=1)
+    with pytest.raises(TypeError, match="floating"):
+        index.search(torch.ones(4, dtype=torch.long), top_k=1)
+    with pytest.raises(TypeError, match="numpy array"):
+        index.search([1.0, 2.0, 3.0, 4.0], top_k=1)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(torch.tensor([1.0, float("nan"), 0.0, 0.0]), top_k=1)
+    with pytest.raises(ValueError, match="top_k"):
+        index.search(torch.ones(4), top_k=0)
+    with pytest.raises(ValueError, match="one per query"):
+        index.search(torch.ones(3, 4), threshold=[1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(torch.ones(4), threshold=float("nan"))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        index.search(torch.ones(4), top_k=1, chunk_rows=0)
+
+
+# ------------------------------------------------------------------------------------------ on-disk index
+
+
+def test_appends_persist_and_reopen(tmp_path: Path, gen: torch.Generator) -> None:
+    a, b = torch.randn(5, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    index = EmbeddingIndex.create(tmp_path / "ix", 3, meta={"run": "r1"})
+    assert index.append(a) == 5
+    assert index.append(b.numpy()) == 7
+    assert index.append(torch.zeros(0, 3)) == 7
+    assert index.append(torch.ones(3)) == 8  # one [dim] vector is one row
+    index.close()
+    reopened = EmbeddingIndex.open(tmp_path / "ix")
+    assert len(reopened) == 8 and reopened.dim == 3 and reopened.meta == {"run": "r1"}
+    torch.testing.assert_close(reopened.vectors, torch.cat([a, b, torch.ones(1, 3)]))
+    header = json.loads((tmp_path / "ix" / HEADER).read_text())
+    assert header["count"] == 8 and header["dtype"] == "float32"
+    assert (tmp_path / "ix" / DATA).stat().st_size == 8 * 3 * 4
+
+
+def test_bad_appends_change_nothing(tmp_path: Path, gen: torch.Generator) -> None:
+    index = EmbeddingIndex.create(tmp_path / "ix", 3)
+    index.append(torch.randn(4, 3, generator=gen))
+    before = files_state(tmp_path / "ix")
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        index.append(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.append(torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match="too large for float32"):
+        index.append(np.array([[1e300, 0.0, 0.0]]))
+    with pytest.raises(TypeError, match="floating"):
+        index.append(torch.zeros(2, 3, dtype=torch.int32))
+    reader = EmbeddingIndex.open(tmp_path / "ix")
+    with pytest.raises(ValueError, match="read-only"):
+        reader.append(torch.zeros(1, 3))
+    assert files_state(tmp_path / "ix") == before
+
+
+def test_create_refuses_an_existing_folder(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        EmbeddingIndex.create(tmp_path / "taken", 3)
+    assert (tmp_path / "taken" / "file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert len(EmbeddingIndex.create(tmp_path / "empty", 3)) == 0  # an empty folder is fine
+    with pytest.raises(ValueError, match="dim"):
+        EmbeddingIndex.create(tmp_path / "new", 0)
+
+
+def test_failed_commit_keeps_the_old_index(tmp_path: Path, gen: torch.Generator, monkeypatch) -> None:
+    first = torch.randn(3, 2, generator=gen)
+    index = EmbeddingIndex.create(tmp_path / "ix", 2)
+    index.append(first)
+    before = files_state(tmp_path / "ix")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full while writing the header")
+
+    monkeypatch.setattr(search_mod, "_write_header", crash)
+    with pytest.raises(OSError, match="disk full"):
+        index.append(torch.randn(4, 2, generator=gen))
+    monkeypatch.undo()
+    assert len(index) == 3 and files_state(tmp_path / "ix") == before
+    torch.testing.assert_close(EmbeddingIndex.open(tmp_path / "ix").vectors, first)
+
+
+def test_crash_between_data_write_and_header_commit(tmp_path: Path, gen: torch.Generator) -> None:
+    """A process killed after writing rows but before committing the header leaves extra bytes (here 1.5 rows):
+    readers ignore them without touching the file; the next writer cuts them off and appends after the
+    committed rows."""
+    first, later = torch.randn(4, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    index = EmbeddingIndex.create(tmp_path / "ix", 3)
+    index.append(first)
+    index.close()
+    data_path = tmp_path / "ix" / DATA
+    with open(data_path, "ab") as f:
+        f.write(np.arange(4.5 * 3, dtype=np.float32)[:6].tobytes() + b"\x01\x02")  # 1.5 rows of garbage
+    before = files_state(tmp_path / "ix")
+    reader = EmbeddingIndex.open(tmp_path / "ix")
+    assert len(reader) == 4
+    torch.testing.assert_close(reader.vectors, first)
+    assert len(reader.search(torch.ones(3), threshold=-np.inf)) == 4
+    assert files_state(tmp_path / "ix") == before  # read-only: nothing changed on disk
+    writer = EmbeddingIndex.open(tmp_path / "ix", writable=True)
+    assert data_path.stat().st_size == 4 * 3 * 4  # recovered to the committed rows
+    assert writer.append(later) == 6
+    torch.testing.assert_close(EmbeddingIndex.open(tmp_path / "ix").vectors, torch.cat([first, later]))
+
+
+def test_process_killed_before_the_commit(tmp_path: Path, gen: torch.Generator) -> None:
+    """A real crash: a child process appends and is killed (``os._exit``) right after its rows are written and
+    fsynced, before the header commit. The index keeps its committed rows; the next writer recovers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    first = torch.randn(3, 4, generator=gen)
+    with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
+        index.append(first)
+    child = textwrap.dedent(f"""
+        import os, numpy as np
+        from logitsep.search import EmbeddingIndex
+        EmbeddingIndex._commit = lambda self, count: os._exit(9)  # die between the data write and the commit
+        EmbeddingIndex.open({str(tmp_path / "ix")!r}, writable=True).append(np.ones((5, 4), np.float32))
+    """)
+    assert subprocess.run([sys.executable, "-c", child], timeout=120).returncode == 9
+    data_path = tmp_path / "ix" / DATA
+    assert data_path.stat().st_size == (3 + 5) * 4 * 4  # the rows were written...
+    reader = EmbeddingIndex.open(tmp_path / "ix")
+    assert len(reader) == 3  # ...but never committed
+    torch.testing.assert_close(reader.vectors, first)
+    with EmbeddingIndex.open(tmp_path / "ix", writable=True) as writer:
+        assert data_path.stat().st_size == 3 * 4 * 4
+        assert writer.append(torch.zeros(1, 4)) == 4
+    torch.testing.assert_close(EmbeddingIndex.open(tmp_path / "ix").vectors, torch.cat([first, torch.zeros(1, 4)]))
+
+
+def test_truncated_data_file_is_a_clear_error(tmp_path: Path, gen: torch.Generator) -> None:
+    index = EmbeddingIndex.create(tmp_path / "ix", 3)
+    index.append(torch.randn(4, 3, generator=gen))
+    index.close()
+    data_path = tmp_path / "ix" / DATA
+    with open(data_path, "r+b") as f:
+        f.truncate(4 * 3 * 4 - 5)
+    before = files_state(tmp_path / "ix")
+    for writable in (False, True):
+        with pytest.raises(ValueError, match=f"{DATA}.*truncated"):
+            EmbeddingIndex.open(tmp_path / "ix", writable=writable)
+    assert files_state(tmp_path / "ix") == before
+    data_path.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{DATA} is missing"):
+        EmbeddingIndex.open(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"{not json", "not valid JSON"),
+    (b'{"format": "something else"}', "not a logitsep-embedding-index header"),
+    (b'{"format": "logitsep-embedding-index", "version": 99, "dim": 3, "count": 0, "dtype": "float32"}',
+     "unsupported index format version 99"),
+    (b'{"format": "logitsep-embedding-index", "version": 1, "dim": 3, "count": -1, "dtype": "float32"}',
+     "invalid 'count'"),
+    (b'{"format": "logitsep-embedding-index", "version": 1, "dim": 3, "count": 0, "dtype": "float16"}',
+     "unsupported dtype"),
+    (b"\xff\xfe\x00", "not valid JSON"),
+])
+def test_corrupt_header_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    EmbeddingIndex.create(tmp_path / "ix", 3).close()
+    (tmp_path / "ix" / HEADER).write_bytes(content)
+    before = files_state(tmp_path / "ix")
+    for writable in (False, True):
+        with pytest.raises(ValueError, match=message) as err:
+            EmbeddingIndex.open(tmp_path / "ix", writable=writable)
+        assert HEADER in str(err.value)
+    assert files_state(tmp_path / "ix") == before
+
+
+def test_missing_index_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        EmbeddingIndex.open(tmp_path / "nowhere")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{HEADER} is missing"):
+        EmbeddingIndex.open(tmp_path / "bare")
+
+
+def test_readers_see_committed_appends_and_writers_are_exclusive(tmp_path: Path, gen: torch.Generator) -> None:
+    writer = EmbeddingIndex.create(tmp_path / "ix", 2)
+    reader = EmbeddingIndex.open(tmp_path / "ix")
+    with pytest.raises(ValueError, match="already open for writing"):
+        EmbeddingIndex.open(tmp_path / "ix", writable=True)
+    query = torch.tensor([1.0, 0.0])
+    seen = []
+    rows = torch.randn(12, 2, generator=gen)
+    for i in range(0, 12, 3):
+        writer.append(rows[i:i + 3])
+        result = reader.search(query, threshold=-np.inf)  # search refreshes first
+        seen.append(len(result))
+        assert sorted(result.ids.tolist()) == list(range(i + 3))  # a committed prefix, nothing half-written
+    assert seen == [3, 6, 9, 12] and len(reader) == 12 and reader.refresh() == 12
+    writer.close()
+    EmbeddingIndex.open(tmp_path / "ix", writable=True).close()  # the lock is released on close
+
+
+# ----------------------------------------------------------------------------------------- approximate
+
+
+def test_ivf_probing_every_list_is_exact(gen: torch.Generator, index_of) -> None:
+    vectors, queries = integer_data(gen, 400, 6, 5)
+    index = index_of(vectors)
+    approx = index.approximate("ivf", nlist=8, nprobe=8)
+    assert approx.params() == {"kind": "ivf", "nlist": 8, "nprobe": 8} and len(approx) == 400
+    for t in (2.0, 5.0):  # integer scores: FAISS's and ours are both exact, so the sets must be equal
+        for a, e in zip(approx.search(queries, threshold=t), index.search(queries, threshold=t), strict=True):
+            assert a.ids.tolist() == e.ids.tolist() and a.scores.tolist() == e.scores.tolist()
+            assert a.scanned == 400
+    continuous = torch.randn(400, 6, generator=gen)
+    index2 = index_of(continuous, name="continuous")
+    approx2 = index2.approximate("ivf", nlist=4, nprobe=4)
+    q = torch.randn(3, 6, generator=gen)
+    for a, e in zip(approx2.search(q, top_k=7), index2.search(q, top_k=7), strict=True):
+        assert a.ids.tolist() == e.ids.tolist()
+        np.testing.assert_allclose(a.scores, e.scores, rtol=1e-5, atol=1e-5)
+    one = approx2.search(q[0], threshold=0.5, top_k=3)  # both: the top 3 over the threshold
+    assert one.ids.tolist() == index2.search(q[0], threshold=0.5, top_k=3).ids.tolist()
+
+
+def test_ivf_with_few_probes_scans_less_and_finds_clusters(gen: torch.Generator, index_of) -> None:
+    means = torch.randn(8, 16, generator=gen) * 3
+    labels = torch.arange(800) % 8
+    vectors = means[labels] + 0.3 * torch.randn(800, 16, generator=gen)
+    index = index_of(vectors)
+    approx = index.approximate("ivf", nlist=16, nprobe=3, train_size=800)
+    halfway = 0.5 * means.square().sum(dim=1)  # per class: half of ‖m_c‖², between the class and the others
+    exact = index.search(means, threshold=halfway)
+    assert sum(len(e) for e in exact) == pytest.approx(800, rel=0.05)
+    found = approx.search(means, threshold=halfway)
+    hits = sum(len(set(a.ids) & set(e.ids)) for a, e in zip(found, exact, strict=True))
+    assert hits / sum(len(e) for e in exact) > 0.9
+    assert all(set(a.ids) <= set(e.ids) for a, e in zip(found, exact, strict=True))  # never a false hit
+    assert all(r.scanned < 800 for r in found)
+    assert [r.scanned for r in approx.search(means, top_k=5)] == [r.scanned for r in found]
+
+
+def test_approximate_index_update_and_arguments(tmp_path: Path, gen: torch.Generator) -> None:
+    index = EmbeddingIndex.create(tmp_path / "ix", 4)
+    with pytest.raises(ValueError, match="holds no vectors"):
+        index.approximate("ivf")
+    index.append(torch.randn(100, 4, generator=gen))
+    with pytest.raises(ValueError, match="unknown approximate index kind"):
+        index.approximate("hnsw")
+    approx = index.approximate("ivf", nlist=4, nprobe=4)
+    with pytest.raises(ValueError, match="nprobe"):
+        approx.nprobe = 5
+    with pytest.raises(ValueError, match="dimension is 4"):
+        approx.search(torch.ones(3), top_k=1)
+    extra = torch.full((1, 4), 10.0)
+    index.append(extra)
+    assert approx.update() == 101
+    assert approx.search(torch.ones(4), top_k=1).ids.tolist() == [100]
+
+
+# ------------------------------------------------------------------------------------------ class search
+
+
+def test_class_search_scores_are_the_logits(tmp_path: Path, gen: torch.Generator) -> None:
+    head = LinearHead(5, 7)
+    h = torch.randn(60, 5, generator=gen)
+    index = EmbeddingIndex.create(tmp_path / "ix", 6, meta={"head_sha256": head_fingerprint(head)})
+    index.append(item_vectors(head, h))
+    searcher = ClassSearch(index, head, class_names=[f"c{i}" for i in range(7)])
+    logits = head(h).detach()
+    for c in (0, 3, "c6"):
+        col = logits[:, searcher.class_index(c)]
+        result = searcher.search(c, top_k=5)
+        assert result.ids.tolist() == torch.argsort(col, descending=True)[:5].tolist()
+        np.testing.assert_allclose(result.scores, col[result.ids].numpy(), rtol=1e-5, atol=1e-5)
+    several = searcher.search([1, 2], threshold=[0.0, 0.5])
+    for r, c, t in zip(several, [1, 2], [0.0, 0.5], strict=True):
+        assert set(r.ids.tolist()) == set((logits[:, c] >= t).nonzero().flatten().tolist())
+
+
+def test_class_search_refuses_unknown_classes_and_other_heads(tmp_path: Path, gen: torch.Generator) -> None:
+    head = LinearHead(5, 4)
+    index = EmbeddingIndex.create(tmp_path / "ix", 6, meta={"head_sha256": head_fingerprint(head)})
+    index.append(item_vectors(head, torch.randn(10, 5, generator=gen)))
+    searcher = ClassSearch(index, head)
+    with pytest.raises(ValueError, match="unknown class 4"):
+        searcher.search(4, top_k=1)
+    with pytest.raises(ValueError, match="unknown class 'cat'"):
+        searcher.search("cat", top_k=1)
+    with pytest.raises(TypeError, match="bool"):
+        searcher.search(True, top_k=1)
+    with pytest.raises(ValueError, match="different model head"):
+        ClassSearch(index, LinearHead(5, 4))
+    with pytest.raises(ValueError, match="7-dimensional|another model"):
+        ClassSearch(index, LinearHead(6, 4))
+
+
+# ------------------------------------------------------------------------------ `logitsep index` on a run
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from logitsep.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="digits", steps=50, batch_size=64), out=out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_index_command_matches_the_full_logits(digits_run: Path, tmp_path: Path, capsys) -> None:
+    from logitsep.cli import main
+    from logitsep.data import load_dataset
+    from logitsep.train import load_run, predict
+
+    out = tmp_path / "digits-index"
+    assert main(["index", str(digits_run), "--dataset", "digits", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 400 and report["dim"] == 501  # the MLP embedding (500) + the bias
+    model, _, _ = load_run(digits_run)
+    x, _ = load_dataset("digits").split("test")
+    logits = predict(model, x)
+    searcher = ClassSearch.from_run(digits_run, out)
+    assert len(searcher.index) == len(x) and searcher.index.meta["split"] == "test"
+    for c in range(10):
+        col = logits[:, c].double()
+        result = searcher.search(c, top_k=10)
+        np.testing.assert_allclose(result.scores, col[result.ids].numpy(), rtol=1e-4, atol=1e-4)
+        true_top = torch.argsort(col, descending=True)
+        if col[true_top[9]] - col[true_top[10]] > 1e-3:  # no near-tie at the cut
+            assert set(result.ids.tolist()) == set(true_top[:10].tolist())
+    batch = searcher.search(list(range(10)), threshold=0.0)
+    for c, r in enumerate(batch):
+        clear = (logits[:, c] - 0.0).abs() > 1e-4
+        assert set(r.ids.tolist()) & set(clear.nonzero().flatten().tolist()) == \
+            set(((logits[:, c] >= 0) & clear).nonzero().flatten().tolist())
+
+    # an existing --out is refused and left alone; a missing run is a clear error
+    before = files_state(out)
+    assert main(["index", str(digits_run), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert files_state(out) == before
+    assert main(["index", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_index_refuses_a_checkpoint_that_does_not_match(digits_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from logitsep.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_run, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["head.weight"] = weights["head.weight"][:, :-1].contiguous()  # an embedding one unit too short
+    save_file(weights, str(broken / "model.safetensors"))
+    assert main(["index", str(broken), "--out", str(tmp_path / "ix")]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".ix")]
+
+    other = tmp_path / "other"
+    shutil.copytree(digits_run, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["head.bias"] = weights["head.bias"] + 1.0
+    save_file(weights, str(other / "model.safetensors"))
+    assert main(["index", str(digits_run), "--out", str(tmp_path / "good")]) == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="different model head"):
+        ClassSearch.from_run(other, tmp_path / "good")
