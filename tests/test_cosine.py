@@ -514,3 +514,12 @@ def test_bad_hyperparameters() -> None:
         elastic_margins(torch.tensor([1, 2]), 0.5, 0.05)
     with pytest.raises(ValueError, match="1-D"):
         elastic_margins(torch.zeros(2, 2), 0.5, 0.05)
+
+
+def test_elasticface_plus_declares_that_it_couples_examples():
+    # logitsep.distributed gathers the global batch for losses that couple examples; ElasticFace+ ranks the batch.
+    from logitsep.distributed import couples_examples
+
+    assert couples_examples(get_loss("elasticface", plus=True))
+    assert not couples_examples(get_loss("elasticface", plus=False))
+    assert not couples_examples(get_loss("arcface"))

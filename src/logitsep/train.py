@@ -1,16 +1,32 @@
-"""Training loop: a model, a registered loss, plain SGD; checkpoints in safetensors, exact resume.
+"""Training loop: a model, a registered loss, SGD with momentum; safetensors checkpoints, exact resume, DDP.
 
-The batch order is a pure function of ``(seed, epoch)``, so a run resumed from a checkpoint sees the same
-batches as an uninterrupted one. Files in the run folder (each written atomically):
+Optimiser: ``torch.optim.SGD`` with heavy-ball momentum μ (default 0.9) and optional weight decay λ:
+``v ← μ·v + (g + λ·θ)``, ``θ ← θ − η_t·v``, with the learning rate η_t decayed by a cosine from ``lr`` at step 0
+towards 0 at step ``steps`` (``schedule="cosine"``), or constant. The paper (Keren, Sabato & Schuller, ICDM 2018,
+Section VI-A) picks ``lr`` from {1, 0.1, 0.01, 0.001} by validation accuracy; ``logitsep reproduce`` does that.
 
-- ``model.safetensors``: model weights and batch-norm statistics;
-- ``optimizer.safetensors``: optimizer buffers (momentum), with the param groups in its metadata;
+The batch order is a pure function of ``(seed, step)`` (:func:`batch_indices`), and the checkpoint holds the
+weights, the momentum buffers and the random-number state, so a run resumed from a checkpoint takes the same
+steps as an uninterrupted one. Under ``torchrun`` every rank takes its shard of the same global batch
+(:mod:`logitsep.distributed`). Files in the run folder, written by rank 0 only:
+
+- ``checkpoint.safetensors``: everything a resume needs in **one** file (weights ``model/…``, momentum buffers
+  ``optimizer/…``, RNG state ``rng/…``; step, config, optimizer param groups, the losses of the open log window
+  and the elapsed time in its metadata). One file written by one atomic rename: a kill at any instant leaves
+  the previous checkpoint or the new one, never a mix of two steps;
+- ``model.safetensors``: the weights and batch-norm statistics (metadata ``step``), for ``load_run``;
 - ``state.json``: the config and the step reached (written last: it marks a complete checkpoint);
+- ``log.csv``: ``step, loss, lr, elapsed_s`` every ``log_every`` steps and at the end; ``loss`` is the mean
+  training loss over the steps since the previous row, ``step`` counts the steps done. On resume the rows past
+  the checkpoint are dropped, so the log reads as that of an uninterrupted run (elapsed times aside);
+- ``tensorboard/``: the same scalars, with ``tensorboard=True`` (needs the ``tensorboard`` package);
 - ``metrics.json``: SLC metrics of the final model (see :func:`evaluate_model`).
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import json
 import math
 import time
@@ -18,23 +34,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._io import atomic_write, write_json
+from . import distributed
+from ._io import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
 from .losses import LOSSES, get_loss
 from .metrics import all_logits_scores, slc_metrics
-from .models import MODELS, SLCModel, build_model
+from .models import SLCModel, build_model, check_model_name
+
+LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
+RESUMABLE_CHANGES = ("steps", "device")  # config fields a resumed run may change
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run. ``train_split`` is ``"train"`` (model selection on ``"valid"``) or
-    ``"train_full"`` (train + valid, as the demo does)."""
+    ``"train_full"`` (train + valid, as the demo does). ``batch_size`` is the global batch (all processes)."""
 
     dataset: str = "mnist"
     model: str = "mlp"
@@ -54,19 +74,26 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid names: {', '.join(sorted(LOSSES))}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(sorted(MODELS))}")
+        check_model_name(self.model)  # mlp, cnn, or a torchvision classifier (ValueError naming the valid ones)
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.train_split not in ("train", "train_full"):
             raise ValueError(f"train_split must be 'train' or 'train_full', got {self.train_split!r}")
         for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_positive_int(getattr(self, name), name)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay}")
         return self
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def head_kind(loss: str) -> str:
@@ -74,21 +101,31 @@ def head_kind(loss: str) -> str:
     return "cosine" if getattr(LOSSES[loss], "expects_cosines", False) else "linear"
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
-    """Indices of the batch at ``step``: epochs are seeded permutations, the tail of an epoch is dropped."""
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int, device: str) -> Tensor:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order if device == "cpu" else order.to(device)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, device: str | torch.device = "cpu") -> Tensor:
+    """Indices of the batch at ``step``: epochs are seeded permutations, the tail of an epoch is dropped.
+
+    The permutation of an epoch is computed once and cached (a training loop asks for it every step); with a
+    ``device``, the cached copy lives there (one host→device copy per epoch instead of one per step)."""
     per_epoch = max(n // batch_size, 1)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size]
+    return _epoch_order(n, seed, epoch, str(device))[offset * batch_size:(offset + 1) * batch_size].clone()
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
+    """η_step: ``lr`` (constant) or ``lr·(1 + cos(π·step/steps))/2`` (cosine)."""
     if config.schedule == "constant":
         return config.lr
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / config.steps))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with heavy-ball momentum and weight decay (see the module docstring)."""
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
@@ -118,29 +155,66 @@ def softmax_scale(config: TrainConfig) -> float:
     return float(getattr(get_loss(config.loss, **config.loss_kwargs), "scale", 1.0))
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
 def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                     step: int) -> None:
+                     step: int, window: list[float], elapsed: float, world_size: int) -> None:
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp))
     opt_state = optimizer.state_dict()
-    buffers = {f"{pid}.{key}": value.detach().cpu().contiguous()
-               for pid, state in opt_state["state"].items() for key, value in state.items()
-               if isinstance(value, Tensor)}
-    groups = json.dumps(opt_state["param_groups"])
-    atomic_write(out / "optimizer.safetensors", lambda tmp: save_file(buffers, tmp, metadata={"param_groups": groups}))
-    write_json(out / "state.json", {"step": step, "config": asdict(config)})
+    tensors = {f"model/{k}": v for k, v in weights.items()}
+    tensors.update({f"optimizer/{pid}/{key}": value.detach().cpu().contiguous()
+                    for pid, state in opt_state["state"].items() for key, value in state.items()
+                    if isinstance(value, Tensor)})
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": str(step), "config": json.dumps(asdict(config)), "log_window": json.dumps(window),
+            "param_groups": json.dumps(opt_state["param_groups"]), "elapsed_s": repr(elapsed)}
+    atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
+    write_json(out / "state.json", {"step": step, "config": asdict(config), "world_size": world_size})
 
 
-def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
-        state: dict[int, dict[str, Tensor]] = {}
-        for key in f.keys():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = f.get_tensor(key)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     config: TrainConfig) -> tuple[int, float, list[float]]:
+    """Restore ``model``, ``optimizer`` and the RNG from ``out/checkpoint.safetensors``; return the step, the
+    elapsed seconds and the open log window stored with it. Refuses a checkpoint of a different run."""
+    path = None if out is None else out / "checkpoint.safetensors"
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out} (no checkpoint.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        step, saved = int(meta["step"]), json.loads(meta["config"])
+        groups, window = json.loads(meta["param_groups"]), json.loads(meta["log_window"])
+        elapsed = float(meta["elapsed_s"])
+        rng = tensors["rng/cpu"]
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    changed = [f"{k}={saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in asdict(config).items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {out} holds a different run: " + "; ".join(changed))
+    state: dict[int, dict[str, Tensor]] = {}
+    weights = {}
+    for key, value in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind == "model":
+            weights[name] = value
+        elif kind == "optimizer":
+            pid, _, buffer = name.partition("/")
+            state.setdefault(int(pid), {})[buffer] = value
+    try:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"--resume: {path} does not fit the model of this config: {err}") from err
+    torch.set_rng_state(rng)
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return step, elapsed, [float(v) for v in window]
 
 
 def load_run(out: str | Path, device: str = "cpu") -> tuple[SLCModel, TrainConfig, int]:
@@ -158,60 +232,215 @@ def load_run(out: str | Path, device: str = "cpu") -> tuple[SLCModel, TrainConfi
     return model.to(device), config, int(state["step"])
 
 
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """``log.csv`` (and optionally TensorBoard) of a run. Rows are appended one line at a time; opening the log
+    of a resumed run keeps only the rows up to the checkpoint's step that an uninterrupted run also has (and
+    drops a line a kill may have cut short)."""
+
+    def __init__(self, out: Path, keep_until: int | None, log_every: int, tensorboard: bool = False) -> None:
+        self.path = out / "log.csv"
+        rows = []
+        if keep_until is not None and self.path.is_file():
+            for row in _read_log(self.path):
+                if row["step"] <= keep_until and row["step"] % log_every == 0:
+                    rows.append(row)
+        write_csv(self.path, rows, header=list(LOG_FIELDS))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_until)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerow([repr(row[k]) for k in LOG_FIELDS])
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", row["loss"], row["step"])
+            self.writer.add_scalar("train/lr", row["lr"], row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            try:
+                rows.append({"step": int(row["step"]), "loss": float(row["loss"]), "lr": float(row["lr"]),
+                             "elapsed_s": float(row["elapsed_s"])})
+            except (TypeError, ValueError, KeyError):
+                continue  # a line cut short by a kill
+    return rows
+
+
+def read_log(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``out/log.csv`` as dicts with numbers (``step`` an int)."""
+    return _read_log(Path(out) / "log.csv")
+
+
+def _check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        raise ValueError("--tensorboard needs the tensorboard package, which does not import here "
+                         f"({err}); install it with `pip install tensorboard`, or leave the option out: "
+                         "the CSV log RUN/log.csv is written either way") from None
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
 def train(config: TrainConfig, data: Splits | None = None, out: str | Path | None = None, resume: bool = False,
-          progress: bool | None = None, eval_splits: tuple[str, ...] = ("test",),
-          checkpoint_every: int = 1000) -> tuple[SLCModel, dict[str, Any]]:
+          progress: bool | None = None, eval_splits: tuple[str, ...] = ("test",), checkpoint_every: int = 1000,
+          log_every: int = 50, tensorboard: bool = False) -> tuple[SLCModel, dict[str, Any]]:
     """Train ``config.model`` with ``config.loss``; return the model and its metrics (also ``out/metrics.json``).
 
-    ``progress``: None shows a bar only on a terminal. ``resume`` continues from ``out``'s checkpoint.
+    ``progress``: None shows a bar only on a terminal. ``resume`` continues from ``out``'s checkpoint (the same
+    config; ``steps`` may grow). A checkpoint is written every ``checkpoint_every`` steps and at the end, a log
+    row every ``log_every`` steps. A non-finite loss (or non-finite logits, which the losses refuse) raises
+    ``FloatingPointError`` naming the first step where it happened; no checkpoint is written after that step.
+    Losses reach the host only at log rows and checkpoints (no per-step device synchronisation).
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1) or in an initialised process group, it trains data-parallel
+    (:mod:`logitsep.distributed`); only rank 0 writes files and evaluates (other ranks return the model and a
+    result without metrics).
     """
     config.validate()
+    _check_positive_int(checkpoint_every, "checkpoint_every")
+    _check_positive_int(log_every, "log_every")
+    out_path = Path(out) if out is not None else None
+    if tensorboard:
+        if out_path is None:
+            raise ValueError("tensorboard=True needs a run folder (out)")
+        _check_tensorboard()
     data = data if data is not None else load_dataset(config.dataset)
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, data, out_path, resume, progress, eval_splits, checkpoint_every, log_every,
+                      tensorboard, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, progress: bool | None,
+           eval_splits: tuple[str, ...], checkpoint_every: int, log_every: int, tensorboard: bool,
+           ctx: distributed.Context) -> tuple[SLCModel, dict[str, Any]]:
+    device = ctx.device
     x, y = data.split(config.train_split)
+    if ctx.world_size > 1 and config.batch_size > len(x):
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(x)} training examples")
+    shard = ctx.shard(config.batch_size)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, head=head_kind(config.loss),
-                        scale=config.head_scale).to(config.device)
+                        scale=config.head_scale).to(device)
+    model = distributed.convert_batchnorm(model, ctx)
     optimizer = make_optimizer(model, config)
-    loss_fn = get_loss(config.loss, **config.loss_kwargs).to(config.device)
-    start = 0
-    out_path = Path(out) if out is not None else None
+    loss_fn = get_loss(config.loss, **config.loss_kwargs).to(device)
+    start, elapsed_before, window = 0, 0.0, []
     if resume:
-        if out_path is None or not (out_path / "state.json").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out_path}")
-        saved = json.loads((out_path / "state.json").read_text())
-        start = int(saved["step"])
-        model.load_state_dict(load_file(str(out_path / "model.safetensors")))
-        _load_optimizer(out_path / "optimizer.safetensors", optimizer)
+        start, elapsed_before, window = _load_checkpoint(out, model, optimizer, config)
+        if start > config.steps:
+            raise ValueError(f"--resume: the checkpoint in {out} is at step {start}, beyond steps={config.steps}")
+    net = distributed.data_parallel(model, ctx)
+    writes = out is not None and ctx.is_main
+    log = RunLog(out, start if resume else None, log_every, tensorboard) if writes else None
+    bar = tqdm(total=config.steps, initial=start, desc=config.loss, unit="step", leave=False, dynamic_ncols=True,
+               disable=(not ctx.is_main) or (None if progress is None else not progress))
     began = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start, desc=f"{config.loss}", unit="step", leave=False,
-               disable=(None if progress is None else not progress), dynamic_ncols=True)
-    losses: list[float] = []
-    model.train()
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        idx = batch_indices(len(x), config.batch_size, step, config.seed)
-        xb, yb = x[idx].to(config.device), y[idx].to(config.device)
-        loss = loss_fn(model(xb), yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {config.loss} became {float(loss)} at step {step} (lr={config.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if out_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(out_path, model, optimizer, config, step + 1)
-    bar.close()
+    pending: list[Tensor] = []  # losses of the steps since the last flush, still on the device
+    last_loss: float | None = None
+    net.train()
+    try:
+        for step in range(start, config.steps):
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(len(x), config.batch_size, step, config.seed, device)
+            if ctx.world_size > 1:
+                idx = idx[shard]
+            logits = net(x.index_select(0, idx))  # index_select: several times faster than x[idx] on CPU
+            try:
+                loss = distributed.batch_loss(loss_fn, logits, y.index_select(0, idx))
+            except ValueError as err:  # the losses refuse non-finite logits: training diverged at this step
+                if bool(torch.isfinite(logits).all()):
+                    raise
+                if ctx.world_size == 1:
+                    _flush(pending, step, config)  # an earlier non-finite loss is the first failure
+                raise FloatingPointError(f"the logits became non-finite at step {step} (steps count from 0; "
+                                         f"loss {config.loss}, lr={lr:g}, base lr={config.lr:g}); no checkpoint "
+                                         "was written after it") from err
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pending.append(loss.detach())
+            bar.update(1)
+            done = step + 1
+            row_due = done % log_every == 0 or done == config.steps
+            checkpoint_due = out is not None and done % checkpoint_every == 0 and done < config.steps
+            if not (row_due or checkpoint_due):
+                continue
+            # One device→host copy per flush (not per step); a non-finite loss is caught here, before any
+            # checkpoint of a later step is written.
+            window += _flush(pending, done, config)
+            pending = []
+            elapsed = elapsed_before + time.perf_counter() - began
+            if row_due:
+                last_loss = sum(window) / len(window)
+                if log is not None:
+                    log.append({"step": done, "loss": last_loss, "lr": lr, "elapsed_s": round(elapsed, 3)})
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                if done % log_every == 0:
+                    window = []  # a final partial window stays open, so that a later resume can extend it
+            if checkpoint_due:
+                _check_finite_weights(model, done)  # on every rank: they hold the same weights, all stop alike
+                if writes:
+                    _save_checkpoint(out, model, optimizer, config, done, window, elapsed, ctx.world_size)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - began
     result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
-                              "final_train_loss": float(np.mean(losses[-50:])) if losses else None}
+                              "final_train_loss": last_loss, "world_size": ctx.world_size}
+    if out is not None:
+        _check_finite_weights(model, config.steps)
+    if not ctx.is_main:
+        return model, result
     for split in eval_splits:
         ex, ey = data.split(split)
-        result[split] = evaluate_model(model, ex, ey, device=config.device, softmax_scale=softmax_scale(config))
-    if out_path is not None:
-        _save_checkpoint(out_path, model, optimizer, config, config.steps)
-        write_json(out_path / "metrics.json", result)
+        result[split] = evaluate_model(model, ex, ey, device=str(device), softmax_scale=softmax_scale(config))
+    if out is not None:
+        write_json(out / "metrics.json", result)
+        _save_checkpoint(out, model, optimizer, config, config.steps, window,
+                         elapsed_before + seconds, ctx.world_size)
+        # --- thresholds calibration hook (coordinator): the final checkpoint is complete at this point ---
     return model, result
+
+
+def _check_finite_weights(model: nn.Module, done: int) -> None:
+    """Refuse to checkpoint weights that an overflowing update made non-finite."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(f"the weights ({name}) became non-finite in the {done} steps done; "
+                                     "no checkpoint was written with them")
+
+
+def _flush(pending: list[Tensor], done: int, config: TrainConfig) -> list[float]:
+    """The pending losses as floats (averaged over ranks: the global-batch loss); raise at a non-finite one."""
+    if not pending:
+        return []
+    values = distributed.mean_over_ranks(torch.stack(pending).float()).tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            step = done - len(values) + i
+            raise FloatingPointError(f"loss {config.loss} became {value} at step {step} "
+                                     f"(steps count from 0; lr={learning_rate(config, step):g}, "
+                                     f"base lr={config.lr:g}); no checkpoint was written after it")
+    return values

@@ -75,6 +75,8 @@ def batch_max_margin(logits: Tensor, target: Tensor, margin: float = 1.0, reduct
 class BatchCrossEntropyLoss(nn.Module):
     """Module form of :func:`batch_cross_entropy`."""
 
+    couples_examples = True  # its value couples the examples of a batch: data-parallel training gathers them
+
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = check_reduction(reduction, "batch_ce")
@@ -86,6 +88,8 @@ class BatchCrossEntropyLoss(nn.Module):
 @register("batch_max_margin", pols_aligned=True)
 class BatchMaxMarginLoss(nn.Module):
     """Module form of :func:`batch_max_margin`."""
+
+    couples_examples = True  # z₊ and z₋ are taken over the whole batch
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()

@@ -374,6 +374,12 @@ class ElasticFaceLoss(nn.Module):
 
     expects_cosines = True  # the training code pairs it with a CosineHead
 
+    @property
+    def couples_examples(self) -> bool:
+        """ElasticFace+ ranks the samples of the batch to assign margins, so under distributed training its
+        value needs the global batch (``logitsep.distributed`` gathers it); plain ElasticFace is per example."""
+        return self.plus
+
     def __init__(
         self,
         scale: float = 64.0,
