@@ -1,11 +1,16 @@
 """The ``logitsep`` command. Every command prints a readable table, or JSON with ``--json``.
 
     logitsep losses                      the loss registry with PoLS alignment
-    logitsep train ...                   train one model, checkpoint + metrics.json in --out
+    logitsep train ...                   train one model, checkpoint + log.csv + metrics.json in --out
+                                         (data-parallel: torchrun --nproc-per-node N -m logitsep train ...)
     logitsep evaluate DIR                SLC metrics of a trained run
+    logitsep calibrate RUN [--precision P | --recall R]   per-class + global thresholds -> RUN/thresholds.json
+    logitsep query RUN --class C --input FILE   one class's logit for images (.npy/.png): score, match
     logitsep reproduce table1|table2|alignment --dataset D --out DIR
+    logitsep index RUN --out DIR         embed a dataset split with a run's model: an index for class search
     logitsep bench NAME                  speed benchmarks (ratios to a baseline timed in the same run)
     logitsep demo                        MNIST: ce vs batch_ce, the paper-style table
+    logitsep serve RUN | --demo          web service + live page: class search over ingested images
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .data import DATASETS, DatasetNotFoundError
+from .data import DATASETS, DatasetNotFoundError, dataset_name
 
 
 def _losses() -> dict[str, Any]:
@@ -86,13 +91,18 @@ def _summary_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import rank
     from .report import text_table
     from .train import TrainConfig, train
 
     config = TrainConfig(dataset=args.dataset, model=args.model, loss=args.loss, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
-                         loss_kwargs=_loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split)
-    _, result = train(config, out=args.out, resume=args.resume, eval_splits=("valid", "test"))
+                         loss_kwargs=_loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split,
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule)
+    _, result = train(config, out=args.out, resume=args.resume, eval_splits=("valid", "test"),
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard)
+    if rank() != 0:  # under torchrun only rank 0 reports
+        return 0
     if args.json:
         _print_json(result)
     else:
@@ -119,36 +129,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .experiments import PAPER_LOSSES, measured_alignment, run_losses, table2_rows, write_report
-    from .report import paper_table
+    from . import experiments as ex
+    from .report import paper_table, table1_markdown
 
-    default = sorted(_losses()) if args.table == "alignment" else PAPER_LOSSES
+    default = sorted(_losses()) if args.table == "alignment" else ex.PAPER_LOSSES
     losses = _loss_list(args.parser, args.losses, default)
     lrs = _float_list(args.parser, args.lrs)
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    common = {"dataset": args.dataset, "losses": losses, "steps": args.steps, "lrs": lrs,
+              "batch_size": args.batch_size, "model": args.model, "seed": args.seed, "log": log}
+    if args.table in ("table1", "table2"):
+        rows, paths = (ex.reproduce_table1 if args.table == "table1" else ex.reproduce_table2)(args.out, **common)
+        if args.json:
+            _print_json({"rows": rows, "files": {k: str(v) for k, v in paths.items()}})
+        else:
+            if args.table == "table1":
+                print(table1_markdown(rows, ex.PAPER_TABLE1.get(args.dataset), ex.PAPER_IMPROVEMENT.get(args.dataset),
+                                      markdown=False))
+            else:
+                print(paths["md"].read_text(encoding="utf-8").split("\n## ")[0])
+            print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']} and the figures in {args.out}")
+        return 0
     settings = {"dataset": args.dataset, "model": args.model, "steps": args.steps, "lrs": lrs,
                 "batch_size": args.batch_size, "seed": args.seed, "optimizer": "SGD momentum 0.9, cosine decay"}
-    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     from .data import load_dataset
 
     data = load_dataset(args.dataset)
     scores: dict[str, Any] = {}
-    rows = run_losses(args.dataset, losses, args.steps, lrs, batch_size=args.batch_size, model=args.model,
-                      seed=args.seed, log=log, data=data, test_scores=scores)
-    verdicts = measured_alignment(rows) if args.table == "alignment" else None
-    title = {"table1": f"SLC metrics per loss on {args.dataset} (paper Table I protocol)",
-             "table2": f"SLC vs all logits on {args.dataset} (paper Table II protocol)",
-             "alignment": f"Measured logit separation of every registered loss on {args.dataset}"}[args.table]
-    paths = write_report(args.out, args.table, rows, title, settings, verdicts, test_scores=scores,
-                         test_target=data.test_y.numpy())
-    if args.table == "table2":
-        from ._io import write_json
-
-        paths["table2_rows"] = write_json(f"{args.out}/table2_rows.json", table2_rows(rows))
+    rows = ex.run_losses(args.dataset, losses, args.steps, lrs, batch_size=args.batch_size, model=args.model,
+                         seed=args.seed, log=log, data=data, test_scores=scores)
+    verdicts = ex.measured_alignment(rows)
+    title = f"Measured logit separation of every registered loss on {args.dataset}"
+    paths = ex.write_report(args.out, args.table, rows, title, settings, verdicts, test_scores=scores,
+                            test_target=data.test_y.numpy())
     if args.json:
         _print_json({"rows": rows, "verdicts": verdicts, "files": {k: str(v) for k, v in paths.items()}})
     else:
         print(paper_table(rows))
-        for loss, verdict in (verdicts or {}).items():
+        for loss, verdict in verdicts.items():
             print(f"{loss}: {verdict}")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -187,10 +205,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.main import run
+
+    return run(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .classifier import calibrate_run, format_thresholds
+
+    th = calibrate_run(args.run, precision=args.precision, recall=args.recall, split=args.split, device=args.device)
+    if args.json:
+        _print_json(th.to_dict())
+    else:
+        print(format_thresholds(th))
+        print(f"wrote {args.run}/thresholds.json")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .classifier import format_query, query
+
+    result = query(args.run, args.class_, args.input, threshold=args.threshold, device=args.device)
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_query(result))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .search import build_index
+
+    index = build_index(args.run, args.out, dataset=args.dataset, split=args.split, batch_size=args.batch_size,
+                        device=args.device, progress=None if not args.json else False, overwrite=args.overwrite)
+    info = {"out": args.out, "count": len(index), "dim": index.dim, **index.meta}
+    info.pop("class_names", None)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"indexed {len(index)} items of {info['dataset']}/{info['split']} ({index.dim}-dim vectors: "
+              f"embedding + bias) with {args.run} into {args.out}")
+    return 0
+
+
 # Each benchmark is a module of logitsep.bench with ``add_arguments(parser)`` and ``cli(args) -> int``.
 BENCHMARKS = {
     "metrics": "slc_metrics against np.sort of the same scores",
     "losses": "forward+backward of every loss against cross-entropy",
+    "train": "steps/s of the trainer (logitsep.train.train) against a bare PyTorch loop, same model/loss/data",
+    "speed": "paper Table III / Figure 1: forward time with 1 output unit (SLC) vs k units, per backbone",
+    "head": "the head alone: all k logits against one class's logit (all_ms, slc_ms, speedup)",
+    "search": "exact class search scan rate vs memory bandwidth and torch.mv; FAISS IVF recall and speed-up",
+    "zscore": "z-score of one class from cached O(d^2) statistics against the z-score of all k logits",
+    "load": "the web service under concurrent ingest/search/query clients on loopback (p50/p99 latency)",
 }
 
 
@@ -198,6 +266,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
     return importlib.import_module(f"logitsep.bench.{args.what}").cli(args)
+
+
+MODEL_HELP = ("mlp or cnn (the paper's networks), or a torchvision classification model as torchvision:NAME "
+              "(needs torchvision; checked when the model is built)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("losses", "list the registered losses with their PoLS alignment", cmd_losses)
 
     p = add("train", "train one model and write a checkpoint and metrics.json", cmd_train)
-    p.add_argument("--dataset", required=True, choices=datasets)
-    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--dataset", required=True, type=dataset_name, choices=datasets)
+    p.add_argument("--model", default="mlp", help=MODEL_HELP)
     p.add_argument("--loss", required=True, choices=loss_names, metavar="LOSS",
                    help="one of: " + ", ".join(loss_names))
     p.add_argument("--loss-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -228,8 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-split", default="train", choices=["train", "train_full"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, metrics.json)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD heavy-ball momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="learning rate: cosine decay from --lr to 0 over --steps (default), or constant")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log.csv, metrics.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (same settings; --steps may grow)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=50, metavar="N", help="a row of --out/log.csv every N steps")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to --out/tensorboard (needs the tensorboard package)")
 
     p = add("evaluate", "SLC metrics of a trained run", cmd_evaluate)
     p.add_argument("dir")
@@ -238,14 +319,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reproduce", "the paper's tables (and the alignment table of every loss)", cmd_reproduce)
     p.add_argument("table", choices=["table1", "table2", "alignment"])
-    p.add_argument("--dataset", required=True, choices=datasets)
-    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--dataset", required=True, type=dataset_name, choices=datasets)
+    p.add_argument("--model", default="mlp", help=MODEL_HELP)
     p.add_argument("--losses", help="comma-separated registry names (default: the paper's seven; all for alignment)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000,
+                   help="SGD steps per run (default 2000: what results/mnist and results/fashion-mnist used)")
     p.add_argument("--lrs", default="1,0.1,0.01,0.001", help="learning-rate grid, chosen by validation accuracy")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+
+    p = add("calibrate", "calibrate per-class and global thresholds on the validation split", cmd_calibrate)
+    p.add_argument("run", help="run folder written by logitsep train")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--precision", type=float, help="target precision (default 0.99)")
+    target.add_argument("--recall", type=float, help="target recall instead of a precision")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--device", default="cpu")
+
+    p = add("query", "is each image of class C? one logit per image against a threshold", cmd_query)
+    p.add_argument("run", help="run folder written by logitsep train")
+    p.add_argument("--class", dest="class_", required=True, metavar="C", help="class index or class name")
+    p.add_argument("--input", required=True, metavar="FILE", help=".npy array of images / inputs, or a .png")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the calibrated one)")
+    p.add_argument("--device", default="cpu")
+
+    p = add("index", "embed a dataset split with a run's model and store it for class search", cmd_index)
+    p.add_argument("run", help="run folder written by logitsep train")
+    p.add_argument("--dataset", type=dataset_name, choices=datasets, help="default: the run's dataset")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test", "train_full"])
+    p.add_argument("--out", required=True, help="index folder to create (header.json + vectors.f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("bench", help="speed benchmarks; CSV/JSON and a plot in results/bench",
                        description="speed benchmarks; each reports ratios to a baseline timed in the same run")
@@ -262,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+
+    from .serve.main import add_arguments as serve_arguments
+
+    p = add("serve", "serve a trained run: JSON API (OpenAPI at /docs), live page at /, class search over "
+                     "ingested images; --demo feeds MNIST test images", cmd_serve)
+    serve_arguments(p)
     return parser
 
 
@@ -276,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"logitsep: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training diverged: the message names the step
+        print(f"logitsep: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
