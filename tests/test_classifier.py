@@ -45,8 +45,10 @@ def trained(digits, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
+    """A copy of the trained run without the thresholds that train() calibrated (tests add their own)."""
     dst = tmp_path / "run"
     shutil.copytree(trained, dst)
+    (dst / "thresholds.json").unlink()
     return dst
 
 
@@ -231,6 +233,15 @@ def test_calibrate_then_predict_meets_the_target_on_the_calibration_data(run, di
     accepted = scores >= th.global_threshold
     assert int((accepted & onehot).sum()) >= 0.95 * len(y)
     assert th.global_stats["recall"] == int((accepted & onehot).sum()) / len(y)
+
+
+def test_train_saves_thresholds_calibrated_on_the_validation_split(trained, digits) -> None:
+    clf = SingleLogitClassifier.from_run(trained, data=digits)
+    assert clf.thresholds is not None and clf.thresholds.target["split"] == "valid"
+    assert clf.thresholds.target["metric"] == "precision" and clf.thresholds.target["value"] == 0.99
+    fresh = SingleLogitClassifier.from_run(trained, data=digits, load_thresholds=False)
+    again = fresh.calibrate(*digits.split("valid"), precision=0.99)
+    assert again.global_threshold == clf.thresholds.global_threshold and again.per_class == clf.thresholds.per_class
 
 
 def test_calibrate_run_writes_thresholds_that_from_run_loads(run, digits) -> None:

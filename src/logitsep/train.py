@@ -20,7 +20,9 @@ steps as an uninterrupted one. Under ``torchrun`` every rank takes its shard of 
   training loss over the steps since the previous row, ``step`` counts the steps done. On resume the rows past
   the checkpoint are dropped, so the log reads as that of an uninterrupted run (elapsed times aside);
 - ``tensorboard/``: the same scalars, with ``tensorboard=True`` (needs the ``tensorboard`` package);
-- ``metrics.json``: SLC metrics of the final model (see :func:`evaluate_model`).
+- ``metrics.json``: SLC metrics of the final model (see :func:`evaluate_model`);
+- ``thresholds.json``: per-class and global score thresholds for a precision of 0.99 on the validation split
+  (``logitsep.classifier.calibrate_run``; ``logitsep calibrate RUN`` recalibrates).
 """
 
 from __future__ import annotations
@@ -420,7 +422,10 @@ def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, pr
         write_json(out / "metrics.json", result)
         _save_checkpoint(out, model, optimizer, config, config.steps, window,
                          elapsed_before + seconds, ctx.world_size)
-        # --- thresholds calibration hook (coordinator): the final checkpoint is complete at this point ---
+        # Thresholds for single-logit decisions, calibrated on the validation split and saved with the checkpoint.
+        from .classifier import calibrate_run
+
+        calibrate_run(out, data=data, device=device)
     return model, result
 
 
