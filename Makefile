@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 installs the local CPU wheel here; override e.g. `make setup TORCH="torch==2.13.0+cu126"`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean browser
 
 $(BIN)/logitsep:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ setup: $(BIN)/logitsep
 lint: setup
 	$(BIN)/ruff check src tests
 
-test: setup lint
+# The browser test drives Debian's chromium through chromium-driver (never a downloaded browser): install them
+# when missing and running as root; otherwise say how (the test is skipped without them, except under CI).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
+	else echo "note: chromium/chromedriver missing; the browser test needs: sudo apt-get install chromium chromium-driver"; fi
+
+test: setup lint browser
 	$(BIN)/python -m pytest -q
 
 demo: setup

@@ -1,0 +1,282 @@
+"""The HTTP service: a FastAPI app over a :class:`~logitsep.serve.service.Service`.
+
+Every error is a 4xx answer ``{"error": "<what is wrong>"}``; the OpenAPI schema is at ``/openapi.json``
+(interactive docs at ``/docs``). Routes: ``/health``, ``/classes``, ``/search``, ``/query``, ``/ingest``,
+``/stream`` (server-sent events), ``/items/{id}.png``, ``/stats`` and the live page at ``/``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .service import MAX_IMAGES, BadInput, Service, decode_base64
+
+MAX_BODY = 8 << 20  # bytes per request body
+STATIC = files("logitsep.serve") / "static"
+CSP = b"default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'"
+
+
+# ------------------------------------------------------------------------------------------------ schema
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class ClassInfo(BaseModel):
+    id: int
+    name: str
+    threshold: float = Field(description="this class's calibrated threshold (the defaults use the global one)")
+
+
+class Classes(BaseModel):
+    classes: list[ClassInfo]
+    threshold: float = Field(description="the calibrated global threshold: the default everywhere")
+    score_range: list[float] = Field(description="a suggested [low, high] range for a threshold slider")
+    total: int = Field(description="items in the index")
+
+
+class Stats(BaseModel):
+    items: int = Field(description="items in the index")
+    ingested: int = Field(description="items this server process added")
+    subscribers: int = Field(description="open /stream connections")
+    dropped: int = Field(description="stream events lost to full subscriber queues")
+
+
+class Item(BaseModel):
+    id: int
+    score: float = Field(description="the item's logit for the class")
+
+
+class SearchResult(BaseModel):
+    class_id: int
+    threshold: float | None = Field(description="scores >= threshold are returned; null for a plain top-k")
+    items: list[Item] = Field(description="sorted by score, descending")
+    scanned: int = Field(description="items the index looked at")
+    ms: float = Field(description="server time of the search, milliseconds")
+    cached: bool = Field(description="the class's scores were kept from an earlier search (only new items scored)")
+    total: int = Field(description="items in the index")
+
+
+class QueryRequest(BaseModel):
+    class_id: int = Field(strict=True, description="the class to score")
+    image: str = Field(description="base64 PNG of the model's image size")
+    threshold: float | None = Field(None, allow_inf_nan=False, description="default: the global threshold")
+
+
+class QueryResult(BaseModel):
+    class_id: int
+    score: float = Field(description="the single logit of the class: one dot product on the image's embedding")
+    match: bool = Field(description="score >= threshold")
+    threshold: float
+    ms: float = Field(description="server time of embedding + scoring, milliseconds")
+
+
+class IngestRequest(BaseModel):
+    images: list[str] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs")
+
+
+class IngestResult(BaseModel):
+    added: int
+    total: int = Field(description="items in the index after this request")
+    ids: list[int] = Field(description="ids given to the new items, in request order")
+
+
+class Error(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 401, 404, 413, 422)}
+
+
+# ------------------------------------------------------------------------------------------------ middleware
+class Guard:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 (by ``Content-Length``, or while the body
+    streams in), and add ``X-Content-Type-Options: nosniff`` (+ a content security policy on the page)."""
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = JSONResponse({"error": f"request body too large: {length.decode(errors='replace')} bytes, "
+                                              f"the limit is {self.max_bytes}"}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, f"request body too large: over {self.max_bytes} bytes")
+            return message
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(b"x-content-type-options", b"nosniff")]
+                if scope.get("path") == "/":
+                    extra.append((b"content-security-policy", CSP))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, limited, with_headers)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[int, str]:
+    parts, status = [], 422
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ())]
+        if e.get("type") == "json_invalid":
+            status = 400
+            parts.append(f"body: malformed JSON ({e.get('ctx', {}).get('error', 'cannot parse')})")
+            continue
+        where = ".".join(loc[1:]) or (loc[0] if loc else "request")
+        source = f" ({loc[0]})" if loc and loc[0] in ("query", "path") else ""
+        parts.append(f"{where}{source}: {e.get('msg', 'invalid')}")
+    return status, "; ".join(parts) or "invalid request"
+
+
+# ------------------------------------------------------------------------------------------------ app
+def create_app(service: Service, *, token: str | None = None, max_body: int = MAX_BODY, heartbeat: float = 15.0,
+               tasks: list[Callable[[Service], Awaitable[None]]] | None = None) -> FastAPI:
+    """The FastAPI app. ``token``: a bearer token /ingest requires; ``tasks``: coroutines run while the app
+    lives (the demo feed), cancelled at shutdown; ``heartbeat``: seconds between SSE keep-alive comments."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        running = [asyncio.create_task(task(service)) for task in tasks or []]
+        yield
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    app = FastAPI(title="logitsep", summary="single-logit class search over a live stream of images",
+                  description=__doc__, version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    bearer = HTTPBearer(auto_error=False, description="required on /ingest when the server runs with --token")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(BadInput)
+    async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    app.add_middleware(Guard, max_bytes=max_body)
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    ClassId = Annotated[int, Query(description="class id, 0..k-1 (see /classes)")]
+    Threshold = Annotated[float | None, Query(allow_inf_nan=False, description="default: the global threshold")]
+
+    @app.get("/health", response_model=Health)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/stats", response_model=Stats)
+    async def stats() -> dict[str, int]:
+        return service.stats()
+
+    @app.get("/classes", response_model=Classes)
+    async def classes() -> dict[str, Any]:
+        return service.classes()
+
+    @app.get("/search", response_model=SearchResult, responses=ERRORS)
+    async def search(class_id: ClassId, threshold: Threshold = None,
+                     top_k: Annotated[int | None, Query(ge=1, le=1_000_000, description="the k best")] = None) -> Any:
+        """Items of a class: scores ``>= threshold`` (default: the calibrated global threshold), or the ``top_k``
+        best, or the ``top_k`` best above ``threshold``."""
+        result = await run_in_threadpool(service.search, class_id, threshold, top_k)
+        return JSONResponse(result)
+
+    @app.post("/query", response_model=QueryResult, responses=ERRORS)
+    async def query(body: QueryRequest) -> Any:
+        """Score one image for one class: embed it and compute **one** logit."""
+        service.check_class(body.class_id)
+        png = decode_base64(body.image, "image")
+        return await run_in_threadpool(service.query, body.class_id, png, body.threshold)
+
+    @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def ingest(body: IngestRequest) -> Any:
+        """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches."""
+        pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
+        return await service.ingest_async(pngs)
+
+    @app.get("/stream", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+             response_class=StreamingResponse)
+    async def stream(class_id: ClassId, threshold: Threshold = None) -> StreamingResponse:
+        """Server-sent events: ``match`` ``{"id", "score", "class_id", "class", "time"}`` for each new item scoring
+        ``>= threshold`` (default: the calibrated global threshold), ``ingest`` ``{"added", "total", "time"}``
+        after each ingest, and a ``:`` comment every few seconds to keep the connection alive."""
+        service.check_class(class_id)  # refuse bad parameters before the stream starts
+        if threshold is not None:
+            service.check_threshold(threshold)
+
+        async def events():
+            sub = service.subscribe(class_id, threshold)
+            try:
+                yield f"retry: 2000\n: class {sub.class_id} threshold {sub.threshold}\n\n"
+                while True:
+                    try:
+                        kind, data = await asyncio.wait_for(sub.queue.get(), timeout=heartbeat)
+                    except asyncio.TimeoutError:
+                        yield ": heartbeat\n\n"
+                        continue
+                    item_id = f"id: {data['id']}\n" if kind == "match" else ""
+                    yield f"{item_id}event: {kind}\ndata: {json.dumps(data)}\n\n"
+            finally:
+                service.unsubscribe(sub)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/items/{item_id}.png", response_class=Response, responses={200: {"content": {"image/png": {}}},
+                                                                          404: {"model": Error}})
+    async def item_image(item_id: int) -> Response:
+        """The image of an item: as ingested, or drawn from the dataset split the index was built from."""
+        image = await run_in_threadpool(service.image, item_id)
+        if image is None:
+            raise HTTPException(404, f"no image for item {item_id}")
+        cache = {"Cache-Control": "no-cache"}  # revalidate: a fresh index (a new demo) reuses the ids
+        if isinstance(image, bytes):
+            return Response(image, media_type="image/png", headers=cache)
+        return FileResponse(image, media_type="image/png", headers=cache)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
