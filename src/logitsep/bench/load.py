@@ -181,8 +181,10 @@ def _plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def run_load(run: str | Path, out: str | Path, *, prefill_items: int = 100_000, clients: int = 4,
              seconds: float = 20.0, warmup: float = 2.0, mix: str = DEFAULT_MIX, batch: int = 1, top_k: int = 100,
-             threads: int = 1, seed: int = 0, log: Any = None) -> dict[str, Any]:
-    """Start the server on a free loopback port over a pre-filled index, drive it, stop it; write the results."""
+             threads: int = 1, seed: int = 0, score_cache_mb: int = 256, log: Any = None) -> dict[str, Any]:
+    """Start the server on a free loopback port over a pre-filled index, drive it, stop it; write the results.
+
+    ``score_cache_mb=0`` turns the server's score cache off, so every search scans the whole index."""
     run, out = Path(run), Path(out)
     weights = parse_mix(mix)
     for name, value in (("clients", clients), ("batch", batch), ("top_k", top_k)):
@@ -200,7 +202,8 @@ def run_load(run: str | Path, out: str | Path, *, prefill_items: int = 100_000, 
         log(f"pre-filled the index with {filled} items in {time.perf_counter() - began:.1f} s")
         port = _free_port()
         command = [sys.executable, "-m", "logitsep.cli", "serve", str(run), "--index", str(folder), "--host",
-                   "127.0.0.1", "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+                   "127.0.0.1", "--port", str(port), "--threads", str(threads), "--log-level", "warning",
+                   "--score-cache", str(score_cache_mb)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.pop("LOGITSEP_TOKEN", None)
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=server_log)
@@ -257,8 +260,9 @@ def run_load(run: str | Path, out: str | Path, *, prefill_items: int = 100_000, 
               "ingested_items": ingested, "expected_total": expected, "live_total": live_total,
               "disk_total": disk_total, "images_on_disk": images_on_disk,
               "index_size_ok": live_total == expected == disk_total and images_on_disk == ingested}
-    settings = {"clients": clients, "seconds": seconds, "warmup": warmup, "mix": weights, "batch": batch,
-                "top_k": top_k, "threads": threads, "prefill": prefill_items, "run": str(run), "seed": seed}
+    settings = {"score_cache_mb": score_cache_mb, "clients": clients, "seconds": seconds, "warmup": warmup,
+                "mix": weights, "batch": batch, "top_k": top_k, "threads": threads,
+                "prefill": prefill_items, "run": str(run), "seed": seed}
     meta = {"settings": settings, "checks": checks,
             "note": "latency measured by the clients (one asyncio process, httpx) against the server in another "
                     "process on the same machine; server_* = the service's own time (search: over the class's "
@@ -301,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=100, help="items per search (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score-cache", type=int, default=256, metavar="MB",
+                        help="the server's per-class score cache (0: off, every search scans the index)")
     parser.add_argument("--out", default="results/serve/load", help="output stem (.csv/.json/.png)")
 
 
@@ -315,7 +321,7 @@ def cli(args: argparse.Namespace) -> int:
         run = demo_run(args.workdir)
     result = run_load(run, args.out, prefill_items=args.prefill, clients=args.clients, seconds=args.seconds,
                       warmup=args.warmup, mix=args.mix, batch=args.batch, top_k=args.top_k, threads=args.threads,
-                      seed=args.seed)
+                      seed=args.seed, score_cache_mb=args.score_cache)
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))
     else:
