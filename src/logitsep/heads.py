@@ -153,7 +153,7 @@ class LinearHead(nn.Linear):
         h = _check_embeddings(h, self.weight, "LinearHead")
         c = _check_classes(c, h.shape[0], self.k, "LinearHead")
         if isinstance(c, int):
-            return h @ self.weight[c] + self.bias[c]
+            return torch.addmv(self.bias[c], h, self.weight[c])  # one fused kernel: b_c + h·W_c
         c = c.to(self.weight.device)
         return torch.einsum("nd,nd->n", h, self.weight[c]) + self.bias[c]
 

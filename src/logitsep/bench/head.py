@@ -20,7 +20,7 @@ import torch
 
 from ..heads import LinearHead
 from ..report import text_table
-from ._common import environment, steady_allocator, time_call
+from ._common import add_threads_argument, apply_threads, environment, steady_allocator, time_call
 
 
 def random_head(dim: int, classes: int, device: str = "cpu", seed: int = 0) -> LinearHead:
@@ -58,10 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_threads_argument(parser)
 
 
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench head``: prints ``{"all_ms", "slc_ms", "speedup"}`` with ``--json``."""
+    if args.device == "cpu":
+        apply_threads(args.threads)
     result = run(dim=args.dim, classes=args.classes, batch=args.batch_size, repeats=args.repeats, device=args.device)
     if args.json:
         print(json.dumps({key: round(result[key], 6) for key in ("all_ms", "slc_ms", "speedup")}))

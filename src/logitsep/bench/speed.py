@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._io import _json_default, atomic_write
 from ..report import text_table
-from ._common import environment, steady_allocator, time_call, write_results
+from ._common import add_threads_argument, apply_threads, environment, steady_allocator, time_call, write_results
 
 CLASSES = (1 << 10, 1 << 14, 1 << 16, 1 << 18, round(2 ** 18.5))
 # name → (build_model name, input shape); the paper's networks, then the backbones of the paper's Table III
@@ -241,10 +241,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")
     parser.add_argument("--out", default="results/bench", help="folder for speed.{csv,json,png}")
+    add_threads_argument(parser)
 
 
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench speed``."""
+    if args.device == "cpu":
+        apply_threads(args.threads)
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     result = run(backbones=args.backbones, classes=args.classes, batch=args.batch_size, repeats=args.repeats,
                  device=args.device, out=f"{args.out}/speed", log=log)

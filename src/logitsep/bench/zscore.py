@@ -29,7 +29,7 @@ from .._io import _json_default, atomic_write
 from ..heads import LinearHead
 from ..losses.spherical import z_score
 from ..report import text_table
-from ._common import steady_allocator, sync, time_call, write_results
+from ._common import add_threads_argument, apply_threads, steady_allocator, sync, time_call, write_results
 
 
 def _reference(head: LinearHead, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -121,8 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="examples per call")
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds (median)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; use 1 on a busy machine)")
+    add_threads_argument(parser)
     parser.add_argument("--out", default="results/bench", help="folder for zscore_speed.{csv,json,png}")
 
 
@@ -132,10 +131,8 @@ def cli(args: argparse.Namespace) -> int:
         ks = [int(v) for v in args.ks.split(",") if v.strip()]
     except ValueError as err:
         raise ValueError(f"--ks must be comma-separated integers (log2 of k), got {args.ks!r}") from err
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        apply_threads(args.threads)
     result = run(ks, d=args.d, batch=args.batch, device=args.device, repeat=args.repeat,
                  out=f"{args.out}/zscore_speed")
     if args.json:
