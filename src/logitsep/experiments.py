@@ -1,27 +1,59 @@
 """The paper's experiments on one dataset: train each loss, pick the learning rate by validation accuracy,
 report test SLC metrics (Keren, Sabato & Schuller, ICDM 2018, Section VI-A/B, Tables I and II).
 
-``run_losses`` is shared by ``logitsep reproduce table1|table2|alignment`` and the demo.
+``run_losses`` is shared by ``logitsep reproduce table1|table2|alignment`` and the demo;
+``reproduce_table1`` / ``reproduce_table2`` write the tables, their CSV/JSON and the figures.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Sequence
+import shlex
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._io import write_json, write_text
+from ._io import atomic_write, write_csv, write_json, write_text
 from .bench._common import command_line, environment
 from .data import Splits, load_dataset
 from .losses import LOSSES
-from .report import bar_plot, paper_table, separation_plot, text_table
-from .train import TrainConfig, predict, train
+from .metrics import all_logits_scores, slc_metrics
+from .report import (
+    SLC_KEYS,
+    bar_plot,
+    comparison_plot,
+    paper_table,
+    pr_plot,
+    separation_plot,
+    table1_markdown,
+    table2_markdown,
+    text_table,
+)
+from .train import TrainConfig, predict, softmax_scale, train
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
 ROW_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_auroc", "accuracy")
+#: What defines a run of the grid; stored in every row, so that table2 can tell whether table1's runs are its own.
+SETTING_KEYS = ("dataset", "model", "steps", "lr_grid", "batch_size", "seed", "train_split")
+
+# The paper's numbers, 1 − metric as printed (Keren, Sabato & Schuller, ICDM 2018; 10^5 steps): Table I, MNIST,
+# (1−AUPRC, 1−P@0.9, 1−P@0.99), and its mean relative improvement row. The binary-CE row is garbled in the
+# extracted text (see DESIGN.md), so it is not quoted; Fashion-MNIST is not in the paper.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
+    "mnist": {"ce": (0.008, 0.005, 0.203), "max_margin": (0.012, 0.018, 0.262), "self_norm": (0.002, 0.001, 0.021),
+              "nce": (0.002, 0.002, 0.021), "batch_ce": (0.002, 0.001, 0.022),
+              "batch_max_margin": (0.002, 0.001, 0.034)},
+}
+PAPER_IMPROVEMENT: dict[str, tuple[float, float, float]] = {"mnist": (0.820, 0.913, 0.884)}
+# Table II, MNIST, as printed (legible in the extracted text): note its batch CE 1−AUPRC (.001) differs from
+# Table I's (.002); "CE with all logits" is the softmax over all logits of the CE model.
+PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float]]] = {
+    "mnist": {"Mean PoLS methods (SLC)": (0.002, 0.001, 0.027), "batch CE (SLC)": (0.001, 0.001, 0.022),
+              "CE with all logits": (0.001, 0.000, 0.020)},
+}
 
 
 def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float], batch_size: int = 128,
@@ -56,12 +88,22 @@ def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[fl
         if best is None:
             raise FloatingPointError(f"{loss}: every learning rate in {list(lrs)} diverged")
         test = best["result"]["test"]
+        config = TrainConfig(**best["result"]["config"])
         rows.append({"loss": loss, "pols_aligned": LOSSES[loss].pols_aligned, "lr": best["lr"],
                      **{k: test[k] for k in ROW_KEYS},
                      "valid_accuracy": None if not select else best["valid_accuracy"],
                      "all_logits": {k: test["all_logits"][k] for k in ROW_KEYS},
-                     "train_seconds": best["result"]["train_seconds"]})
+                     "softmax_scale": softmax_scale(config),
+                     "train_seconds": best["result"]["train_seconds"],
+                     **run_settings(dataset, model, steps, lrs, batch_size, seed, train_split)})
     return rows
+
+
+def run_settings(dataset: str, model: str, steps: int, lrs: Sequence[float], batch_size: int, seed: int,
+                 train_split: str = "train") -> dict[str, Any]:
+    """The ``SETTING_KEYS`` of a grid of runs, JSON-ready."""
+    return {"dataset": dataset, "model": model, "steps": int(steps), "lr_grid": [float(x) for x in lrs],
+            "batch_size": int(batch_size), "seed": int(seed), "train_split": train_split}
 
 
 def measured_alignment(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -132,3 +174,244 @@ def write_report(out: str | Path, name: str, rows: list[dict[str, Any]], title: 
     paths["md"] = write_text(out / f"{name}.md", "\n".join(lines))
     paths["png"] = bar_plot(rows, out / f"{name}.png", title)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logitsep reproduce table1 | table2
+# ----------------------------------------------------------------------------------------------------------
+
+def reproduce_command(table: str, settings: Mapping[str, Any], losses: Sequence[str], out: str | Path) -> str:
+    """The ``logitsep reproduce`` command line that makes these files again, every setting spelled out."""
+    parts = ["logitsep", "reproduce", table, "--dataset", settings["dataset"], "--model", settings["model"],
+             "--losses", ",".join(losses), "--steps", str(settings["steps"]),
+             "--lrs", ",".join(f"{x:g}" for x in settings["lr_grid"]), "--batch-size", str(settings["batch_size"]),
+             "--seed", str(settings["seed"]), "--out", str(out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row for CSV: nested mappings as ``outer.inner`` columns, lists joined by ";"."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            out[key] = ";".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        else:
+            out[key] = value
+    return out
+
+
+_MODEL_WORDS = {"mlp": " (the paper's MLP: two fully connected layers of 500 units, batch norm then ReLU after each, "
+                       "then one logit per class)",
+                "cnn": " (the paper's CNN: six conv layers and a dense layer of 1024, batch norm then ReLU)"}
+
+
+def _how_made(command: str, settings: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], n_test: int) -> list[str]:
+    env = environment()
+    grid = ", ".join(f"{x:g}" for x in settings["lr_grid"])
+    chosen = ", ".join(f"{r['loss']}={r['lr']:g}" for r in rows)
+    return ["## How this was made", "",
+            f"- Command: `{command}`",
+            f"- Model: {settings['model']}{_MODEL_WORDS.get(settings['model'], '')}, trained on the "
+            f"{settings['train_split']} split with SGD (momentum 0.9, cosine decay), batch {settings['batch_size']}, "
+            f"seed {settings['seed']}.",
+            f"- Steps: {settings['steps']} per run (the paper trains 10^5).",
+            f"- Learning-rate grid: {grid}; the rate of each loss is chosen by validation classification accuracy "
+            f"(a diverging rate is skipped). Chosen: {chosen}.",
+            f"- Test set: {n_test} examples; every metric is on it.",
+            f"- Machine: {env['processor']}, {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
+            f"CUDA device: {env['cuda']}.",
+            f"- Date: {env['date']}.", ""]
+
+
+def write_table1(out: str | Path, rows: list[dict[str, Any]], scores: Mapping[str, np.ndarray],
+                 target: np.ndarray, command: str) -> dict[str, Path]:
+    """``table1.{json,csv,md}``, the figures (``table1.png`` bars, ``table1_logits.png`` true vs false logit
+    histograms, ``table1_pr.png`` precision-recall curves) and the selected runs' test scores
+    (``scores/<loss>.npy`` float32 [n, k], ``scores/labels.npy`` int64 [n]) that ``table2`` can reuse."""
+    out = Path(out)
+    dataset = rows[0]["dataset"]
+    paths: dict[str, Path] = {"labels": _save_npy(out / "scores" / "labels.npy", np.asarray(target, dtype=np.int64))}
+    for loss, s in scores.items():
+        paths[f"scores_{loss}"] = _save_npy(out / "scores" / f"{loss}.npy", np.asarray(s, dtype=np.float32))
+    paths["json"] = write_json(out / "table1.json", rows)
+    paths["csv"] = write_csv(out / "table1.csv", [_flat(r) for r in rows])
+    aligned = {r["loss"]: r["pols_aligned"] for r in rows}
+    order = [r["loss"] for r in sorted(rows, key=lambda r: {False: 0, True: 1, None: 2}[r["pols_aligned"]])]
+    title = f"SLC metrics per loss on {dataset} (paper Table I protocol)"
+    paths["png"] = bar_plot(rows, out / "table1.png", title)
+    paths["logits_png"] = separation_plot(scores, target, order, aligned, out / "table1_logits.png", density=False)
+    paths["pr_png"] = pr_plot(scores, target, order, aligned, out / "table1_pr.png",
+                              f"Precision-recall of single logits on the {dataset} test set")
+    lines = [f"# {title}", "",
+             table1_markdown(rows, PAPER_TABLE1.get(dataset), PAPER_IMPROVEMENT.get(dataset)), "",
+             "Values are 1 − metric on the test set (lower is better). AUPRC and P@r (precision at the highest "
+             "threshold reaching recall r) are per class c, scoring every test example by its logit z_c alone, "
+             "averaged over classes. 1 − pooled AUPRC ranks all (example, class) pairs with one threshold; the PoLS "
+             "violation rate 1 − pooled AUROC is the fraction of (true logit, false logit) pairs across the test set "
+             "in the wrong order. Mean relative improvement = (mean of the non-aligned losses − mean of the aligned "
+             "ones) / mean of the non-aligned, on the 1 − metric values.", "",
+             "\"paper\": Keren, Sabato & Schuller (ICDM 2018) Table I after 10^5 steps; \"—\" where the paper has no "
+             "clean number (its binary-CE row is garbled in the extracted text; only MNIST of these datasets is in "
+             "it). Its improvement row includes binary CE.", "",
+             *_how_made(command, rows[0], rows, len(target)),
+             "## Figures", "",
+             "Per loss, the true logits z_y(x) and the false logits z_j(x), j ≠ y, of every test example (counts on a "
+             "log axis; PoLS: one threshold separates the two):", "",
+             "![true vs false logits](table1_logits.png)", "",
+             "Precision-recall curves of the single logits (pooled over classes, and the per-class mean):", "",
+             "![precision-recall](table1_pr.png)", "",
+             "1 − metric per loss:", "", "![table1](table1.png)", ""]
+    paths["md"] = write_text(out / "table1.md", "\n".join(lines))
+    return paths
+
+
+def reproduce_table1(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
+                     batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
+                     progress: bool | None = None, log: Callable[[str], None] = print
+                     ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Paper Table I: train every loss over the learning-rate grid (:func:`run_losses`) and write
+    :func:`write_table1`'s files into ``out``. Returns the rows and the paths written."""
+    data = data if data is not None else load_dataset(dataset)
+    scores: dict[str, np.ndarray] = {}
+    rows = run_losses(dataset, losses, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
+                      progress=progress, log=log, test_scores=scores)
+    command = reproduce_command("table1", rows[0], losses, out)
+    return rows, write_table1(out, rows, scores, data.test_y.numpy(), command)
+
+
+def reusable_runs(out: str | Path, settings: Mapping[str, Any], losses: Sequence[str], target: np.ndarray,
+                  log: Callable[[str], None] = print) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    """The runs of ``out/table1.json`` that ``table2`` can reuse: loss in ``losses``, every ``SETTING_KEYS`` equal
+    to ``settings``, ``scores/labels.npy`` equal to ``target`` and ``scores/<loss>.npy`` giving back the row's own
+    test metrics (so the scores are that run's, not a stale file). Anything else is skipped with a log line."""
+    out = Path(out)
+    try:
+        rows = json.loads((out / "table1.json").read_text())
+        labels = np.load(out / "scores" / "labels.npy", allow_pickle=False)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log(f"  not reusing {out}/table1.json: {err}")
+        return {}
+    if not isinstance(rows, list) or labels.shape != target.shape or not np.array_equal(labels, target):
+        log(f"  not reusing {out}/table1.json: not a list of rows, or its labels are not this test set's")
+        return {}
+    found: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+    for row in rows:
+        loss = row.get("loss") if isinstance(row, dict) else None
+        if loss not in losses or any(row.get(k) != settings[k] for k in SETTING_KEYS):
+            continue
+        try:
+            s = np.load(out / "scores" / f"{loss}.npy", allow_pickle=False)
+            metrics = slc_metrics(s, target)
+        except (OSError, ValueError, TypeError) as err:
+            log(f"  not reusing the {loss} run: {err}")
+            continue
+        if all(math.isclose(metrics[k], row[k], rel_tol=0, abs_tol=1e-9) for k in ROW_KEYS):
+            found[loss] = (row, s)
+        else:
+            log(f"  not reusing the {loss} run: scores/{loss}.npy does not give table1.json's metrics")
+    return found
+
+
+def table2_summary(per_loss: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Paper Table II rows: the mean of the PoLS-aligned losses' single logits, batch CE's single logit, and CE
+    with all logits (softmax over every logit); each row only when its losses are present."""
+    out: list[dict[str, Any]] = []
+    aligned = [r for r in per_loss if r["pols_aligned"] is True]
+    if aligned:
+        out.append({"method": "Mean PoLS methods (SLC)", "losses": [r["loss"] for r in aligned],
+                    "scoring": "single logit",
+                    **{k: float(np.mean([r["single_logit"][k] for r in aligned])) for k in ROW_KEYS}})
+    for r in per_loss:
+        if r["loss"] == "batch_ce":
+            out.append({"method": "batch CE (SLC)", "losses": ["batch_ce"], "scoring": "single logit",
+                        **r["single_logit"]})
+    for r in per_loss:
+        if r["loss"] == "ce":
+            out.append({"method": "CE with all logits", "losses": ["ce"], "scoring": "all logits", **r["all_logits"]})
+    return out
+
+
+def reproduce_table2(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
+                     batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
+                     progress: bool | None = None, log: Callable[[str], None] = print
+                     ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Paper Table II: each loss's single logit (SLC) against the softmax of all its logits, on the test set.
+    Reuses ``out``'s table1 runs made with the same settings (:func:`reusable_runs`), trains the others. Writes
+    ``table2.json`` (rows: the paper-layout rows, then one row per loss and scoring), ``table2.csv``,
+    ``table2.md`` and ``table2.png``. Returns the JSON rows and the paths."""
+    data = data if data is not None else load_dataset(dataset)
+    target = data.test_y.numpy()
+    settings = run_settings(dataset, model, steps, lrs, batch_size, seed)
+    runs = reusable_runs(out, settings, losses, target, log=log)
+    missing = [loss for loss in losses if loss not in runs]
+    if runs:
+        log(f"  reusing {len(runs)} run(s) of {out}/table1.json: {', '.join(runs)}")
+    if missing:
+        scores: dict[str, np.ndarray] = {}
+        for row in run_losses(dataset, missing, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
+                              progress=progress, log=log, test_scores=scores):
+            runs[row["loss"]] = (row, scores[row["loss"]])
+    per_loss = []
+    for loss in losses:
+        row, s = runs[loss]
+        per_loss.append({"loss": loss, "pols_aligned": row["pols_aligned"], "lr": row["lr"],
+                         "single_logit": slc_metrics(s, target),
+                         "all_logits": slc_metrics(all_logits_scores(np.asarray(s, np.float64) * row["softmax_scale"]),
+                                                   target),
+                         "reused": loss not in missing})
+    summary = table2_summary(per_loss)
+    json_rows = [{"group": "paper_layout", **r} for r in summary]
+    for r in per_loss:
+        for kind, scoring in (("single_logit", "single logit"), ("all_logits", "all logits")):
+            json_rows.append({"group": "per_loss", "method": f"{r['loss']} ({scoring})", "loss": r["loss"],
+                              "scoring": scoring, "pols_aligned": r["pols_aligned"], "lr": r["lr"],
+                              **{k: r[kind][k] for k in ROW_KEYS}, "reused_table1_run": r["reused"], **settings})
+    out = Path(out)
+    paths = {"json": write_json(out / "table2.json", json_rows),
+             "csv": write_csv(out / "table2.csv", [_flat(r) for r in json_rows])}
+    title = f"SLC vs all logits on {dataset} (paper Table II protocol)"
+    paths["png"] = comparison_plot(per_loss, out / "table2.png", title)
+    command = reproduce_command("table2", settings, losses, out)
+    lines = [f"# {title}", "", table2_markdown(summary, per_loss, PAPER_TABLE2.get(dataset)), ""]
+    by_method = {r["method"]: r for r in summary}
+    if "batch CE (SLC)" in by_method and "CE with all logits" in by_method:
+        b, c = by_method["batch CE (SLC)"], by_method["CE with all logits"]
+        ratios = ", ".join(f"{_ratio(1 - b[k], 1 - c[k])} ({k})" for k in SLC_KEYS)
+        lines += [f"batch CE's single logit vs CE with all logits, ratio of 1 − metric: {ratios}.", ""]
+    reused = [r["loss"] for r in per_loss if r["reused"]]
+    lines += ["Values are 1 − metric on the test set (lower is better), as in table1.md. \"single logit\" scores "
+              "example x for class c by z_c(x) alone (SLC); \"all logits\" by softmax(z(x))_c, which needs every "
+              "logit. The first table is the paper's layout: the mean over the PoLS-aligned losses' single logits, "
+              "batch CE's single logit, and cross-entropy with all logits. \"paper\": Keren, Sabato & Schuller "
+              "(ICDM 2018) Table II after 10^5 steps; \"—\" where it has none.", "",
+              _runs_line(reused, missing), "",
+              *_how_made(command, settings, [runs[loss][0] for loss in losses], len(target)),
+              "## Figure", "", "![single logit vs all logits](table2.png)", ""]
+    paths["md"] = write_text(out / "table2.md", "\n".join(lines))
+    return json_rows, paths
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"×{a / b:.2f}" if b > 0 else ("equal (both 0)" if a == 0 else f"{a:.4f} vs 0")
+
+
+def _runs_line(reused: Sequence[str], trained: Sequence[str]) -> str:
+    parts = []
+    if reused:
+        parts.append("reused from table1.json (same settings; its saved test scores give back its metrics) for "
+                     + ", ".join(reused))
+    if trained:
+        parts.append("trained here for " + ", ".join(trained))
+    return "Runs: " + "; ".join(parts) + "."
