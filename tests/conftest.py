@@ -1,4 +1,5 @@
-"""Shared fixtures: the ``device`` parametrisation (CUDA skipped when unavailable) and a seeded generator."""
+"""Shared fixtures: one torch thread, the ``device`` parametrisation (CUDA skipped when unavailable), a seeded
+generator."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ DEVICES = [
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Every device a loss must run on: cpu always, cuda when one is present."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The whole suite runs on one torch thread: its models are tiny, and on a busy 2-vCPU machine a second
+    OpenMP thread made training up to 20x slower (threads spinning and stalling), never faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -48,15 +48,6 @@ def _worker(rank: int, world: int, port: int, runs: list, data) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models train fastest, and most steadily on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")

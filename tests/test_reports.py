@@ -11,7 +11,6 @@ import shlex
 
 import numpy as np
 import pytest
-import torch
 
 from logitsep.cli import build_parser, main
 from logitsep.experiments import (
@@ -120,15 +119,6 @@ def test_table2_layout_with_the_papers_mnist_numbers():
 # ---------------------------------------------------------------------------------------------------------
 # the commands, end to end on digits
 # ---------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The digits MLP is tiny: a second intra-op thread only adds synchronisation (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def table1_dir(tmp_path_factory):

@@ -41,15 +41,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from logitsep.train import TrainConfig, train
 
     _require_browser()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a busy 2-core machine trains far slower with spinning worker threads
-    try:
-        out = tmp_path_factory.mktemp("run")
-        train(TrainConfig(dataset="mnist", loss="batch_ce", steps=300, lr=0.03, batch_size=128), out=out,
-              progress=False, eval_splits=())
-        calibrate_run(out)
-    finally:
-        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="mnist", loss="batch_ce", steps=300, lr=0.03, batch_size=128), out=out,
+          progress=False, eval_splits=())
+    calibrate_run(out)
     return out
 
 

@@ -16,18 +16,6 @@ import logitsep.losses.topk as topk_module
 from logitsep.losses.registry import LOSSES, get_loss
 from logitsep.losses.topk import SmoothTopkSVMLoss, smooth_topk_svm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small operations; with intra-op threads on a busy 2-core machine every parallel
-    region can wait a scheduler slice for a descheduled worker (observed: 5 s → 90 s). One thread here,
-    restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- references (float64) --------------------------------------------------------------------------------
 
 

@@ -21,15 +21,6 @@ from logitsep.data import Splits, load_dataset
 from logitsep.train import TrainConfig, batch_indices, learning_rate, read_log, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models train fastest, and most steadily on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> Splits:
     return load_dataset("digits")
