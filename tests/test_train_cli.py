@@ -124,3 +124,18 @@ def test_demo_prints_the_paper_table_on_real_mnist(capsys):
     out = capsys.readouterr().out
     assert "1−AUPRC" in out and "mean relative improvement" in out
     assert "batch_ce" in out and "ce with all" in out.lower()
+
+
+def test_threads_option_sets_torch_threads(tmp_path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the suite runs on one thread: start elsewhere so the option has to act
+        assert main(["train", "--dataset", "digits", "--loss", "ce", "--steps", "3", "--threads", "1",
+                     "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["demo", "--threads", "-1"])

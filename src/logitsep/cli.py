@@ -272,6 +272,19 @@ MODEL_HELP = ("mlp or cnn (the paper's networks), or a torchvision classificatio
               "(needs torchvision; checked when the model is built)")
 
 
+TRAINING_COMMANDS = ("train", "reproduce", "demo")
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", 0) if args.command in TRAINING_COMMANDS else 0
+    if threads < 0:
+        args.parser.error(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logitsep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=func, parser=p)
+        if name in TRAINING_COMMANDS:
+            p.add_argument("--threads", type=int, default=0,
+                           help="torch CPU threads (default 0: torch's choice; 1 is often faster for the small "
+                                "paper models on a busy machine)")
         return p
 
     add("losses", "list the registered losses with their PoLS alignment", cmd_losses)
@@ -380,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _apply_threads(args)
     try:
         return args.func(args)
     except DatasetNotFoundError as err:
