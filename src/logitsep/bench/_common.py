@@ -146,3 +146,17 @@ def apply_threads(threads: int | None) -> int:
         if threads > 0:
             torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of one call of each function, the functions taking turns round after round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times

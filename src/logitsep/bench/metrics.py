@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,23 +26,9 @@ import numpy as np
 from .._io import _json_default, atomic_write
 from ..metrics import _transpose, slc_metrics
 from ..report import text_table
-from ._common import write_results
+from ._common import interleaved, write_results
 
 TARGET_RATIO = 3.0
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of one call of each function, the functions taking turns round after round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _bench_dtype(n: int, k: int, dtype: str, repeat: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -56,7 +41,7 @@ def _bench_dtype(n: int, k: int, dtype: str, repeat: int, rng: np.random.Generat
         "  transpose to [k, n]": lambda: _transpose(scores),
         "  sort each class column": lambda: np.sort(columns, axis=1),
     }
-    times = _interleaved(fns, repeat)
+    times = interleaved(fns, repeat)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["np.sort (lower bound)"]
     round_ratios = [m / s for m, s in zip(times["slc_metrics"], times["np.sort (lower bound)"], strict=True)]

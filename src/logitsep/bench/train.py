@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..losses import get_loss
 from ..models import build_model
 from ..report import text_table
 from ..train import TrainConfig, batch_indices, head_kind, train
-from ._common import steady_allocator, sync, write_results
+from ._common import interleaved, steady_allocator, sync, write_results
 
 TARGET_RATIO = 0.9
 MAX_STORED_BATCHES = 256  # the bare loop cycles through at most this many pre-indexed batches (memory bound)
@@ -101,14 +100,7 @@ def run(dataset: str = "mnist", losses: Sequence[str] = ("ce", "batch_ce"), mode
         config = TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
                              seed=seed, device=device).validate()
         fns = {"trainer": _trainer(config, data), "bare": _bare(config, data)}
-        for fn in fns.values():  # warm-up: allocator, kernels, lazy imports
-            fn()
-        seconds: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                seconds[name].append(time.perf_counter() - start)
+        seconds = interleaved(fns, rounds, warmup=1)  # warm-up: allocator, kernels, lazy imports
         ratios = [b / t for t, b in zip(seconds["trainer"], seconds["bare"], strict=True)]
         trainer_sps = steps / statistics.median(seconds["trainer"])
         bare_sps = steps / statistics.median(seconds["bare"])
