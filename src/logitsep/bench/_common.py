@@ -133,7 +133,7 @@ def write_results(stem: str | os.PathLike, rows: Sequence[Mapping[str, Any]], **
 def add_threads_argument(parser: argparse.ArgumentParser, default: int = 1) -> None:
     """``--threads``: torch CPU threads for a benchmark (0: torch's default). One by default: on this project's
     2-vCPU machine a second OpenMP thread made small kernels stall for milliseconds (an MLP forward on 32
-    examples: 0.66 ms median with one thread, 9 ms with two), which times the scheduler, not the work."""
+    examples, an ad-hoc timing: 0.66 ms median with one thread, 9 ms with two), which times the scheduler."""
     parser.add_argument("--threads", type=int, default=default,
                         help=f"torch CPU threads (default {default}; 0: torch's default)")
 
