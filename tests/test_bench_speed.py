@@ -13,6 +13,7 @@ from torch import nn
 
 from logitsep.bench import search as bench_search
 from logitsep.bench import speed
+from logitsep.bench._common import paired_ratio
 from logitsep.cli import main
 
 
@@ -57,6 +58,27 @@ def test_bound_formula() -> None:
     assert speed.bound(1000, 1, 10) == 1.0
     assert speed.bound(0, 1 << 10, 7) == 1 << 10  # no backbone cost: the speed-up is k
     assert speed.bound(642_000, 1 << 18, 500) == pytest.approx((642_000 + (1 << 18) * 500) / (642_000 + 500))
+
+
+def test_paired_ratio_cancels_drift_between_rounds() -> None:
+    # the machine slows down 3x over the rounds; within each round b takes 1.02x a
+    a = [1.0, 2.0, 3.0, 1.5, 2.5]
+    b = [1.02 * t for t in a]
+    assert paired_ratio(b, a) == pytest.approx(1.02)
+    # one disturbed round moves the median of ratios, not the result
+    assert paired_ratio([*b, 50.0], [*a, 1.0]) == pytest.approx(1.02)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_interleaved_reverses_the_order_every_other_round() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = speed._interleaved(fns, repeats=2, device="cpu")
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+    runs = [calls[i] for i in range(len(calls)) if i == 0 or calls[i] != calls[i - 1]]  # consecutive calls merged
+    # warm-up a b c, round 0 a b c, round 1 c b a (its c follows round 0's c, so the two runs merge)
+    assert runs == list("abcabcba")
 
 
 def test_class_list_parsing() -> None:

@@ -60,6 +60,8 @@ def _check_embeddings(h: object, weight: Tensor, head: str, *, same_dtype: bool 
 
 def _check_classes(c: object, m: int, k: int, head: str) -> int | Tensor:
     """One class for every example (an int, or a 0-d integer tensor) or one per example (a ``[m]`` tensor)."""
+    if type(c) is int and 0 <= c < k:  # the common query, checked without the ABC machinery below
+        return c
     if isinstance(c, Tensor):
         if c.dtype == torch.bool or c.is_floating_point() or c.is_complex():
             raise TypeError(f"{head}: class indices must be integers, got dtype {c.dtype}")
@@ -150,12 +152,13 @@ class LinearHead(nn.Linear):
         rows ``W[c]`` are read: ``O(n·d)`` work and memory, never an ``[n, k]`` product. Equal to
         ``forward(h)[i, c_i]`` up to rounding.
         """
-        h = _check_embeddings(h, self.weight, "LinearHead")
+        weight, bias = self.weight, self.bias  # read once: nn.Module attribute lookup is not free at this scale
+        h = _check_embeddings(h, weight, "LinearHead")
         c = _check_classes(c, h.shape[0], self.k, "LinearHead")
         if isinstance(c, int):
-            return torch.addmv(self.bias[c], h, self.weight[c])  # one fused kernel: b_c + h·W_c
-        c = c.to(self.weight.device)
-        return torch.einsum("nd,nd->n", h, self.weight[c]) + self.bias[c]
+            return torch.addmv(bias[c], h, weight[c])  # one fused kernel: b_c + h·W_c
+        c = c.to(weight.device)
+        return torch.einsum("nd,nd->n", h, weight[c]) + bias[c]
 
     def logits(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
         """Logits of the classes ``classes`` (a 1-D index tensor or list, duplicates allowed) for every example,

@@ -160,3 +160,9 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int =
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of the ratio of two timings taken in the same round: drift in the machine's speed
+    between rounds (other jobs, frequency changes) cancels in each ratio, where a ratio of medians keeps it."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))

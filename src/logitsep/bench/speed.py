@@ -5,8 +5,10 @@ random inputs and random weights (Keren, Sabato & Schuller, ICDM 2018, Section V
     logitsep bench speed                                  # mlp and cnn (+ torchvision backbones when importable)
     logitsep bench speed --device cuda --backbones alexnet,vgg16,inception_v3,resnet50,resnet101
 
-For every backbone and ``k`` four forward passes are timed, interleaved round by round (median over
-``--repeats`` rounds, after warm-up, with device synchronisation), all under ``torch.inference_mode``:
+For every backbone and ``k`` four forward passes are timed, interleaved round by round (``--repeats`` rounds, the
+order reversed every other round, after warm-up, with device synchronisation), all under ``torch.inference_mode``.
+Times are medians over rounds; every ratio is the median of the ratios taken within one round, so that the
+machine's drift between rounds cancels:
 
 * ``backbone``: the network up to its embedding ``h`` (``d`` units);
 * ``slc``: backbone + ``LinearHead.logit(h, c)``: one class's logit, the embedding dotted with one class vector;
@@ -35,7 +37,15 @@ from torch import Tensor, nn
 
 from .._io import _json_default, atomic_write
 from ..report import text_table
-from ._common import add_threads_argument, apply_threads, environment, steady_allocator, time_call, write_results
+from ._common import (
+    add_threads_argument,
+    apply_threads,
+    environment,
+    paired_ratio,
+    steady_allocator,
+    time_call,
+    write_results,
+)
 
 CLASSES = (1 << 10, 1 << 14, 1 << 16, 1 << 18, round(2 ** 18.5))
 # name → (build_model name, input shape); the paper's networks, then the backbones of the paper's Table III
@@ -82,13 +92,15 @@ def bound(macs: int, k: int, d: int) -> float:
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each function, one round of every function after another, ``repeats`` rounds."""
+    """Seconds per call of each function, one round of every function after another, ``repeats`` rounds; the
+    order is reversed every other round so that no function always runs right after the same one."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: allocator, kernels, caches
         time_call(fn, repeat=1, warmup=1, device=device, min_time=0.0)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, repeat=1, warmup=0, device=device, min_time=0.02))
+    names = list(fns)
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(time_call(fns[name], repeat=1, warmup=0, device=device, min_time=0.01))
     return times
 
 
@@ -98,7 +110,7 @@ def _forward_passes(backbone: nn.Module, x: Tensor, head: nn.Module, linear: nn.
             "all": lambda: head(backbone(x)), "linear": lambda: linear(backbone(x))}
 
 
-def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 5, device: str = "cpu",
+def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 15, device: str = "cpu",
             seed: int = 0, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """One row per ``k`` for backbone ``name`` (see the module docstring for the four timings)."""
     from .head import random_head
@@ -121,9 +133,9 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 5
         row = {"backbone": name, "d": d, "classes": k, "log2_classes": round(float(torch.tensor(k).log2()), 3),
                "batch": batch, "device": str(device), "backbone_macs": macs,
                **{f"{key}_ms_per_example": round(1e3 * value / batch, 6) for key, value in med.items()},
-               "speedup": round(med["all"] / med["slc"], 4), "bound": round(bound(macs, k, d), 4),
-               "slc_over_backbone": round(med["slc"] / med["backbone"], 4),
-               "all_over_linear": round(med["all"] / med["linear"], 4), "repeats": repeats}
+               "speedup": round(paired_ratio(times["all"], times["slc"]), 4), "bound": round(bound(macs, k, d), 4),
+               "slc_over_backbone": round(paired_ratio(times["slc"], times["backbone"]), 4),
+               "all_over_linear": round(paired_ratio(times["all"], times["linear"]), 4), "repeats": repeats}
         row["meets_slc_target"] = bool(row["slc_over_backbone"] <= TARGET_SLC)
         row["meets_all_target"] = bool(row["all_over_linear"] <= TARGET_ALL)
         rows.append(row)
@@ -138,7 +150,7 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 5
 
 
 def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES, batch: int = 32,
-        repeats: int = 5, device: str = "cpu", out: str | Path | None = "results/bench/speed", seed: int = 0,
+        repeats: int = 15, device: str = "cpu", out: str | Path | None = "results/bench/speed", seed: int = 0,
         plot: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure every backbone (default: all of ``PAPER``, torchvision ones only if importable) at every ``k``;
     write ``out.{csv,json,png}``. Returns ``{"rows", "skipped", "environment", "files"}``."""
@@ -239,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(BACKBONES)} (default: all; torchvision ones "
                              "are skipped with a note when torchvision cannot be imported)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per measurement (median)")
     parser.add_argument("--out", default="results/bench", help="folder for speed.{csv,json,png}")
     add_threads_argument(parser)
 
