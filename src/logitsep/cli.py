@@ -178,6 +178,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 DEMO_LRS = {"ce": 0.1, "batch_ce": 0.03}
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .report import text_table
+    from .seeds import HEADERS, METRICS, write_summary
+
+    command = " ".join(shlex.quote(p) for p in ["logitsep", "summarize", *args.dirs, "--out", args.out])
+    result = write_summary(args.dirs, args.out, command)
+    if args.json:
+        _print_json(result)
+        return 0
+    body = [[f"{r['loss']} ({r['scoring']})", len(r["seeds"]),
+             *(f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS)] for r in result["methods"]]
+    print(text_table(body, ["method", "seeds", *(HEADERS[k] for k in METRICS)]))
+    comparison = result["comparison"]
+    if comparison is not None:
+        print("batch_ce single logit / ce all logits, ratio of mean 1 − metric: "
+              + ", ".join(f"x{comparison[k]['ratio_of_means']:.2f}" for k in METRICS))
+    print(f"wrote {args.out}/table2_seeds.{{json,csv,md,png}}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments import run_losses
@@ -346,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+
+    p = add("summarize", "mean and spread over seeds of several `reproduce table2` runs", cmd_summarize)
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders holding a table2.json (one setting, several seeds)")
+    p.add_argument("--out", required=True, help="folder for table2_seeds.{json,csv,md,png}")
 
     p = add("calibrate", "calibrate per-class and global thresholds on the validation split", cmd_calibrate)
     p.add_argument("run", help="run folder written by logitsep train")
