@@ -390,6 +390,33 @@ def test_nce_nonuniform_data_term_vanishes_for_zero_noise_class():
     assert got.item() == pytest.approx(noise_only, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_class_index_paths_equal_the_unfused_forms(dtype):
+    """bce and exact nce fold the target's term into one autograd function for class indices (scalars for
+    uniform noise, vectors otherwise); they must equal the one-hot multi-label form, computed by separate
+    terms, and nce with uniform noise must equal nce given the uniform vector, in value and gradient."""
+    m, k = 9, 13
+    z = torch.randn(m, k, generator=torch.Generator().manual_seed(5), dtype=torch.float64).mul(4).to(dtype)
+    y = torch.randint(0, k, (m,), generator=torch.Generator().manual_seed(6))
+    one_hot = torch.nn.functional.one_hot(y, k)
+    uniform = torch.full((k,), 1.0 / k, dtype=dtype)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-6, "atol": 2e-6}
+    cases = [(binary_cross_entropy, {}, {}), (nce, {}, {"noise": uniform}), (nce, {"num_noise": 3}, {}),
+             (nce, {"noise": uniform}, {})]
+    for fn, kwargs, other in cases:
+        for reduction in ("none", "sum"):
+            a = z.clone().requires_grad_(True)
+            b = z.clone().requires_grad_(True)
+            fused = fn(a, y, reduction=reduction, **kwargs)
+            reference = fn(b, one_hot, reduction=reduction, **kwargs, **other)
+            torch.testing.assert_close(fused, reference, **tol)
+            weights = (torch.linspace(0.5, 2.0, m, dtype=dtype) if reduction == "none"
+                       else torch.tensor(1.7, dtype=dtype))
+            (fused * weights).sum().backward()
+            (reference * weights).sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
 def test_max_margin_hinge_is_zero_when_separated():
     z = torch.tensor([[5.0, 1.0, 3.9], [0.0, 2.0, 1.5]], dtype=torch.float64)
     y = torch.tensor([0, 1])

@@ -32,7 +32,8 @@ def check_logits(logits: object, loss: str, *, name: str = "logits", finite: boo
     if k < 2:
         raise ValueError(f"{loss}: {name} needs at least 2 classes, got shape {tuple(logits.shape)}")
     # The sum is finite for finite inputs unless it overflows; only then is the exact (slower) check needed.
-    if finite and not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
+    # (Summed detached, read as a Python float: no autograd node, no extra isfinite kernel, half the cost.)
+    if finite and not math.isfinite(float(logits.detach().sum())) and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{loss}: {name} contains NaN or infinite values; the loss is not defined there")
     return logits.float() if logits.dtype in HALF_DTYPES else logits
 

@@ -17,26 +17,48 @@ from .registry import register
 
 
 class _SoftplusRowSum(torch.autograd.Function):
-    """``out_i = Σ_j w_j·softplus(z_ij − c_j)`` (``c`` = 0, ``w`` = 1 when None), the all-classes term of ``bce`` and
-    ``nce``. The backward ``∂out_i/∂z_ij = w_j·σ(z_ij − c_j)`` is one sigmoid and in-place scalings: on CPU,
-    torch's generic softplus backward plus the broadcasting behind ``@ w`` cost about twice as much."""
+    """``out_i = w·Σ_j softplus(z_ij − c) + t(z_{i,y_i})``, the all-classes term of ``bce`` and ``nce`` with, for
+    class-index targets ``y``, the target's own term folded in: ``t(v) = −v`` (bce) or ``softplus(c − v)`` (nce).
+    ``c`` and ``w`` are numbers (``c`` = 0, ``w`` = 1 for bce; uniform noise for nce) or ``[k]`` tensors (``w·``
+    then weights each class). The backward ``w_j·σ(z_ij − c_j)``, plus ``t'`` at ``(i, y_i)``, is one sigmoid, an
+    in-place scaling and an in-place update of ``m`` entries: on CPU, torch's generic softplus backward, the
+    scatter of a gathered term into a fresh ``[m, k]`` gradient and the sum of the two gradients cost about as
+    much again."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, c: Tensor | None, w: Tensor | None) -> Tensor:  # type: ignore[override]
-        shifted = z if c is None else z - c
-        ctx.save_for_backward(shifted, w)
+    def forward(ctx, z: Tensor, c: Tensor | float, w: Tensor | float, y: Tensor | None,  # type: ignore[override]
+                target_term: str | None) -> Tensor:
+        shifted = z - c if isinstance(c, Tensor) or c != 0 else z
         softplus = F.softplus(shifted)
-        return softplus.sum(dim=1) if w is None else softplus @ w
+        out = softplus @ w if isinstance(w, Tensor) else softplus.sum(dim=1).mul_(w)
+        target_slope = None
+        if y is not None:
+            z_y = z.gather(1, y[:, None]).squeeze(1)
+            if target_term == "bce":
+                out = out - z_y
+            else:  # "nce": softplus(c_y − z_y), whose slope in z_y is −σ(c_y − z_y)
+                margin = (c[y] if isinstance(c, Tensor) else c) - z_y
+                out = out + F.softplus(margin)
+                target_slope = torch.sigmoid(margin).neg_()
+        ctx.save_for_backward(shifted, y, w if isinstance(w, Tensor) else None, target_slope)
+        ctx.scalar_w = None if isinstance(w, Tensor) else w
+        ctx.target_term = target_term
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        shifted, w = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        shifted, y, w, target_slope = ctx.saved_tensors
         grad = torch.sigmoid(shifted)
-        grad.mul_(grad_out[:, None])
         if w is not None:
             grad.mul_(w)
-        return grad, None, None
+            grad.mul_(grad_out[:, None])
+        else:
+            grad.mul_((grad_out * ctx.scalar_w)[:, None])
+        if y is not None:
+            slope = -grad_out if ctx.target_term == "bce" else target_slope * grad_out
+            grad.scatter_add_(1, y[:, None], slope[:, None])
+        return grad, None, None, None, None
 
 
 def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -49,7 +71,10 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     z = check_logits(logits, "bce")
     target = check_target(target, z, "bce", multilabel=True)
     # softplus(−z) = softplus(z) − z: every class contributes softplus(z_j), the positives also −z_j.
-    per_row = _SoftplusRowSum.apply(z, None, None) - _sum_at_positives(z, target)
+    if target.dim() == 1:
+        per_row = _SoftplusRowSum.apply(z, 0.0, 1.0, target, "bce")
+    else:
+        per_row = _SoftplusRowSum.apply(z, 0.0, 1.0, None, None) - _sum_at_positives(z, target)
     return reduce(per_row, reduction)
 
 
@@ -81,6 +106,12 @@ def _check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torc
     return (q / total).to(dtype).to(device)
 
 
+def _log_tq(q: Tensor, num_noise: float, dtype: torch.dtype) -> Tensor:
+    """``log(t·q_j)``, with ``q_j = 0`` clamped to the smallest normal number (such a class is never noise: its
+    weight ``q_j`` is 0, and the clamp keeps every term finite)."""
+    return math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(dtype).tiny))
+
+
 def nce(
     logits: Tensor,
     target: Tensor,
@@ -110,11 +141,18 @@ def nce(
         if bool((n_pos == 0).any()):
             raise ValueError("nce: every row of a multi-label target needs at least one positive")
     else:
+        if not sampled:  # one fused pass: t·Σ_j q_j·softplus(z_j − log(t·q_j)) + softplus(log(t·q_y) − z_y)
+            if noise is None:  # uniform q: the shift log(t/k) and the weight t/k are numbers
+                shift, weight = math.log(num_noise / k), num_noise / k
+            else:
+                q = _check_noise(noise, k, z.device, z.dtype)
+                shift, weight = _log_tq(q, num_noise, z.dtype), num_noise * q
+            return reduce(_SoftplusRowSum.apply(z, shift, weight, target, "nce"), reduction)
         n_pos = torch.ones(m, dtype=z.dtype, device=z.device)
     q = _check_noise(noise, k, z.device, z.dtype)
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
-    log_tq = math.log(num_noise) + torch.log(q.clamp_min(torch.finfo(z.dtype).tiny))
-    # s = z − log(t·q) is the logit of g, finite everywhere thanks to the clamp above.
+    log_tq = _log_tq(q, num_noise, z.dtype)
+    # s = z − log(t·q) is the logit of g, finite everywhere thanks to the clamp in _log_tq.
     # −Σ_{l∈P} log g_l = Σ_{l∈P} softplus(−s_l): gathered first for class indices (no full-size temporary).
     if target.dim() == 1:
         data_term = F.softplus(log_tq[target] - z.gather(1, target[:, None]).squeeze(1))
@@ -122,7 +160,7 @@ def nce(
         data_term = _sum_at_positives(F.softplus(log_tq - z), target)
     if not sampled:
         # −t·E_q log(1 − g_j) = t·Σ_j q_j·softplus(s_j); a class with q_j = 0 adds 0·(finite) = 0.
-        noise_term = num_noise * _SoftplusRowSum.apply(z, log_tq, q)
+        noise_term = num_noise * _SoftplusRowSum.apply(z, log_tq, q, None, None)
     else:
         if num_noise != int(num_noise):
             raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
