@@ -16,49 +16,59 @@ from ._checks import check_logits, check_positive, check_reduction, check_target
 from .registry import register
 
 
-class _SoftplusRowSum(torch.autograd.Function):
-    """``out_i = w·Σ_j softplus(z_ij − c) + t(z_{i,y_i})``, the all-classes term of ``bce`` and ``nce`` with, for
-    class-index targets ``y``, the target's own term folded in: ``t(v) = −v`` (bce) or ``softplus(c − v)`` (nce).
-    ``c`` and ``w`` are numbers (``c`` = 0, ``w`` = 1 for bce; uniform noise for nce) or ``[k]`` tensors (``w·``
-    then weights each class). The backward ``w_j·σ(z_ij − c_j)``, plus ``t'`` at ``(i, y_i)``, is one sigmoid, an
-    in-place scaling and an in-place update of ``m`` entries: on CPU, torch's generic softplus backward, the
-    scatter of a gathered term into a fresh ``[m, k]`` gradient and the sum of the two gradients cost about as
-    much again."""
+class _BceRows(torch.autograd.Function):
+    """``out_i = Σ_j softplus(z_ij) − z_{i,y_i}``: bce for class indices in one autograd node. The backward
+    ``σ(z_ij) − 1[j = y_i]`` is one sigmoid, an in-place scaling and an in-place update of ``m`` entries; composed
+    of torch ops instead, the softplus backward recomputes an exponential, and the gathered target term is
+    scattered into a fresh ``[m, k]`` gradient that is then added to the first (about 15% more time on CPU)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, c: Tensor | float, w: Tensor | float, y: Tensor | None,  # type: ignore[override]
-                target_term: str | None) -> Tensor:
+    def forward(ctx, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, y)
+        return F.softplus(z).sum(dim=1) - z.gather(1, y[:, None]).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        z, y = ctx.saved_tensors
+        g = grad_out[:, None]
+        grad = torch.sigmoid(z).mul_(g)
+        return grad.scatter_add_(1, y[:, None], g.neg()), None
+
+
+class _SoftplusRows(torch.autograd.Function):
+    """``out_i = Σ_j w_j·softplus(z_ij − c_j)``, plus ``softplus(c_{y_i} − z_{i,y_i})`` when class indices ``y`` are
+    given (the two terms of exact ``nce``); ``c`` and ``w`` are numbers (uniform noise) or ``[k]`` tensors. The
+    backward ``w_j·σ(z_ij − c_j)``, minus ``σ(c_y − z_y)`` at ``(i, y_i)``, is one sigmoid, in-place scalings and an
+    in-place update of ``m`` entries (see :class:`_BceRows` for why this is one node)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, c: Tensor | float, w: Tensor | float,  # type: ignore[override]
+                y: Tensor | None) -> Tensor:
         shifted = z - c if isinstance(c, Tensor) or c != 0 else z
         softplus = F.softplus(shifted)
         out = softplus @ w if isinstance(w, Tensor) else softplus.sum(dim=1).mul_(w)
-        target_slope = None
-        if y is not None:
-            z_y = z.gather(1, y[:, None]).squeeze(1)
-            if target_term == "bce":
-                out = out - z_y
-            else:  # "nce": softplus(c_y − z_y), whose slope in z_y is −σ(c_y − z_y)
-                margin = (c[y] if isinstance(c, Tensor) else c) - z_y
-                out = out + F.softplus(margin)
-                target_slope = torch.sigmoid(margin).neg_()
-        ctx.save_for_backward(shifted, y, w if isinstance(w, Tensor) else None, target_slope)
+        slope = None
+        if y is not None:  # softplus(c_y − z_y), whose slope in z_y is −σ(c_y − z_y)
+            margin = (c[y] if isinstance(c, Tensor) else c) - z.gather(1, y[:, None]).squeeze(1)
+            out = out + F.softplus(margin)
+            slope = torch.sigmoid(margin).neg_()
+        ctx.save_for_backward(shifted, y, w if isinstance(w, Tensor) else None, slope)
         ctx.scalar_w = None if isinstance(w, Tensor) else w
-        ctx.target_term = target_term
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        shifted, y, w, target_slope = ctx.saved_tensors
+        shifted, y, w, slope = ctx.saved_tensors
         grad = torch.sigmoid(shifted)
         if w is not None:
-            grad.mul_(w)
-            grad.mul_(grad_out[:, None])
+            grad.mul_(w).mul_(grad_out[:, None])
         else:
             grad.mul_((grad_out * ctx.scalar_w)[:, None])
         if y is not None:
-            slope = -grad_out if ctx.target_term == "bce" else target_slope * grad_out
-            grad.scatter_add_(1, y[:, None], slope[:, None])
-        return grad, None, None, None, None
+            grad.scatter_add_(1, y[:, None], (slope * grad_out)[:, None])
+        return grad, None, None, None
 
 
 def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -72,9 +82,9 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     target = check_target(target, z, "bce", multilabel=True)
     # softplus(−z) = softplus(z) − z: every class contributes softplus(z_j), the positives also −z_j.
     if target.dim() == 1:
-        per_row = _SoftplusRowSum.apply(z, 0.0, 1.0, target, "bce")
+        per_row = _BceRows.apply(z, target)
     else:
-        per_row = _SoftplusRowSum.apply(z, 0.0, 1.0, None, None) - _sum_at_positives(z, target)
+        per_row = _SoftplusRows.apply(z, 0.0, 1.0, None) - _sum_at_positives(z, target)
     return reduce(per_row, reduction)
 
 
@@ -147,7 +157,7 @@ def nce(
             else:
                 q = _check_noise(noise, k, z.device, z.dtype)
                 shift, weight = _log_tq(q, num_noise, z.dtype), num_noise * q
-            return reduce(_SoftplusRowSum.apply(z, shift, weight, target, "nce"), reduction)
+            return reduce(_SoftplusRows.apply(z, shift, weight, target), reduction)
         n_pos = torch.ones(m, dtype=z.dtype, device=z.device)
     q = _check_noise(noise, k, z.device, z.dtype)
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
@@ -160,7 +170,7 @@ def nce(
         data_term = _sum_at_positives(F.softplus(log_tq - z), target)
     if not sampled:
         # −t·E_q log(1 − g_j) = t·Σ_j q_j·softplus(s_j); a class with q_j = 0 adds 0·(finite) = 0.
-        noise_term = num_noise * _SoftplusRowSum.apply(z, log_tq, q, None, None)
+        noise_term = num_noise * _SoftplusRows.apply(z, log_tq, q, None)
     else:
         if num_noise != int(num_noise):
             raise ValueError(f"nce: sampled=True draws num_noise classes; it must be an integer, got {num_noise}")
