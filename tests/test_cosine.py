@@ -516,10 +516,13 @@ def test_bad_hyperparameters() -> None:
         elastic_margins(torch.zeros(2, 2), 0.5, 0.05)
 
 
-def test_elasticface_plus_declares_that_it_couples_examples():
-    # logitsep.distributed gathers the global batch for losses that couple examples; ElasticFace+ ranks the batch.
+def test_elasticface_declares_when_it_needs_the_global_batch():
+    # logitsep.distributed gathers the global batch for losses that couple examples (ElasticFace+ ranks the batch)
+    # or draw per-example random numbers (ElasticFace's margins when std > 0), so N processes draw what one would.
     from logitsep.distributed import couples_examples
 
     assert couples_examples(get_loss("elasticface", plus=True))
-    assert not couples_examples(get_loss("elasticface", plus=False))
+    assert couples_examples(get_loss("elasticface", plus=False))  # random margins (std > 0 by default)
+    assert couples_examples(get_loss("elasticface", plus=True, std=0.0))
+    assert not couples_examples(get_loss("elasticface", plus=False, std=0.0))  # fixed margins: per example
     assert not couples_examples(get_loss("arcface"))

@@ -20,15 +20,22 @@ from safetensors.torch import load_file
 from torch import nn
 
 from logitsep.data import load_dataset
-from logitsep.distributed import Context, GlobalBatchNorm, convert_batchnorm
+from logitsep.distributed import Context, GlobalBatchNorm, convert_batchnorm, couples_examples
 from logitsep.losses import get_loss
 from logitsep.train import TrainConfig, read_log, train
 
-RUNS = {"ce": 0.1, "batch_ce": 0.05, "batch_max_margin": 0.05}  # loss -> learning rate
+# run name -> (loss, keyword arguments, learning rate, whether it must be computed on the global batch). The last
+# two draw random numbers per example: one process on the whole batch draws them for all 32 rows, and the 2-process
+# run only matches it if every rank draws the same global set (per shard, both ranks would repeat rank 0's draws).
+RUNS = {"ce": ("ce", {}, 0.1, False), "batch_ce": ("batch_ce", {}, 0.05, True),
+        "batch_max_margin": ("batch_max_margin", {}, 0.05, True),
+        "nce_sampled": ("nce", {"sampled": True}, 0.1, True), "elasticface": ("elasticface", {}, 0.05, True)}
 
 
-def _config(loss: str) -> TrainConfig:
-    return TrainConfig(dataset="digits", model="mlp", loss=loss, steps=6, lr=RUNS[loss], batch_size=32, seed=3)
+def _config(run: str) -> TrainConfig:
+    loss, kwargs, lr, _ = RUNS[run]
+    return TrainConfig(dataset="digits", model="mlp", loss=loss, loss_kwargs=kwargs, steps=6, lr=lr, batch_size=32,
+                       seed=3)
 
 
 def _free_port() -> int:
@@ -71,7 +78,8 @@ def _assert_same_weights(a_path, b_path, atol=1e-5):
 
 @pytest.mark.parametrize("loss", list(RUNS))
 def test_two_processes_equal_one_process_on_the_whole_batch(loss, two_process_runs, digits, tmp_path):
-    assert get_loss(loss).__class__.__dict__.get("couples_examples", False) == (loss != "ce")
+    name, kwargs, _, coupled = RUNS[loss]
+    assert couples_examples(get_loss(name, **kwargs)) == coupled
     train(_config(loss), data=digits, out=tmp_path, progress=False, eval_splits=("test",), log_every=2,
           checkpoint_every=4)
     run = two_process_runs[loss]
@@ -102,6 +110,12 @@ def test_torchrun_cli_trains_data_parallel(digits, tmp_path):
     assert result["world_size"] == 2 and "test" in result
     train(_config("batch_ce"), data=digits, out=tmp_path / "one", progress=False, eval_splits=())
     _assert_same_weights(tmp_path / "one" / "model.safetensors", out / "model.safetensors")
+
+
+def test_only_coupled_or_random_losses_take_the_global_batch():
+    assert not couples_examples(get_loss("nce"))  # exact NCE: per example, deterministic
+    assert couples_examples(get_loss("nce", sampled=True))
+    assert not couples_examples(get_loss("bce")) and not couples_examples(get_loss("self_norm"))
 
 
 def test_shards_split_the_global_batch_evenly():

@@ -11,7 +11,10 @@ An N-process run computes the same updates as a one-process run on the same glob
   all-gather *sums* over ranks the gradients that flow into each rank's logits, so rank r receives
   N·∂L/∂z_r; DDP then *averages* the parameter gradients over the N ranks, giving (1/N)·Σ_r N·∂L/∂z_r·∂z_r/∂θ
   = ∂L/∂θ, the one-process gradient. A per-example loss with ``reduction="mean"`` stays local: the mean over
-  ranks of the shard means is the global mean (equal shards), which is what DDP's averaging computes.
+  ranks of the shard means is the global mean (equal shards), which is what DDP's averaging computes. A loss
+  that draws random numbers per example (``nce`` with ``sampled=True``, ``elasticface`` with ``std > 0``) also
+  takes the global batch: every rank holds the same RNG state (same seed, same draws), so every rank then draws
+  exactly what one process would, where per shard each rank would repeat rank 0's draws for its own examples.
 - **Batch norm** normalises with the statistics of the global batch and updates the running statistics
   identically on every rank: :class:`GlobalBatchNorm` on CPU (``torch.nn.SyncBatchNorm`` refuses CPU
   tensors) and ``SyncBatchNorm`` on CUDA (it exchanges only the per-channel statistics). Only when N > 1.

@@ -221,6 +221,13 @@ class NCELoss(nn.Module):
         self.generator = generator
         self.reduction = check_reduction(reduction, "nce")
 
+    @property
+    def couples_examples(self) -> bool:
+        """Sampled NCE draws noise classes for every example of the batch. Under distributed training it is
+        therefore computed on the global batch (``logitsep.distributed`` gathers it): every rank then makes the
+        draws one process would make, instead of each rank repeating the same draws for its own shard."""
+        return self.sampled
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return nce(logits, target, num_noise=self.num_noise, noise=self.noise, sampled=self.sampled,
                    generator=self.generator, reduction=self.reduction)

@@ -376,9 +376,11 @@ class ElasticFaceLoss(nn.Module):
 
     @property
     def couples_examples(self) -> bool:
-        """ElasticFace+ ranks the samples of the batch to assign margins, so under distributed training its
-        value needs the global batch (``logitsep.distributed`` gathers it); plain ElasticFace is per example."""
-        return self.plus
+        """Whether distributed training computes this loss on the global batch (``logitsep.distributed`` gathers
+        it). ElasticFace+ ranks the samples of the batch to assign margins; and with ``std > 0`` every example
+        draws a random margin, which on the global batch are the draws one process would make (per shard, every
+        rank would repeat the same draws for its own examples). Only ``std = 0`` is a plain per-example loss."""
+        return self.plus or self.std > 0
 
     def __init__(
         self,
