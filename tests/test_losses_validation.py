@@ -304,3 +304,45 @@ def test_get_loss_name_not_a_string():
 def test_get_loss_unknown_kwarg(name):
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'gamma'"):
         get_loss(name, gamma=1.0)
+
+
+def test_value_checks_can_be_turned_off_and_only_the_value_checks(monkeypatch):
+    """Inside ``value_checks(False)`` no check reads a tensor value (on a GPU each read waits for the device):
+    NaN logits, out-of-range classes, non-0/1 targets and cosines beyond [-1, 1] pass the checks; shape, dtype
+    and argument checks still raise. The block restores the previous state, also after an exception."""
+    import logitsep.losses._checks as checks
+    from logitsep.losses import get_loss, value_checks, value_checks_enabled
+    from logitsep.losses._checks import check_logits, check_target
+
+    nan_logits = torch.tensor([[0.0, float("nan")], [1.0, 2.0]])
+    assert value_checks_enabled()
+    with pytest.raises(ValueError, match="NaN"):
+        check_logits(nan_logits, "ce")
+    with value_checks(False):
+        assert not value_checks_enabled()
+
+        def no_reads(*args, **kwargs):
+            raise AssertionError("a value check read the tensor")
+
+        with monkeypatch.context() as m:  # nothing below may reduce a tensor to a Python number
+            m.setattr(torch, "aminmax", no_reads)
+            m.setattr(torch, "isfinite", no_reads)
+            m.setattr(checks.math, "isfinite", no_reads)
+            assert check_logits(nan_logits, "ce") is nan_logits
+            assert check_target(torch.tensor([0, 7]), nan_logits, "ce").tolist() == [0, 7]
+            assert check_target(torch.tensor([[2, 0], [0, 1]]), nan_logits, "bce", multilabel=True).dtype == torch.bool
+        with pytest.raises(ValueError, match="2-D"):
+            check_logits(torch.zeros(3), "ce")
+        with pytest.raises(TypeError, match="integer"):
+            check_target(torch.tensor([0.0, 1.0]), nan_logits, "ce")
+        cos = get_loss("cosface")(torch.tensor([[1.5, -0.2], [0.3, 0.1]]), torch.tensor([0, 1]))
+        clamped = get_loss("cosface")(torch.tensor([[1.0, -0.2], [0.3, 0.1]]), torch.tensor([0, 1]))
+        torch.testing.assert_close(cos, clamped)  # beyond [-1, 1]: clamped, not refused
+        with pytest.raises(RuntimeError):
+            with value_checks(True):
+                assert value_checks_enabled()
+                raise RuntimeError("inner")
+        assert not value_checks_enabled()
+    assert value_checks_enabled()
+    with pytest.raises(ValueError, match=r"cosines must lie in \[-1, 1\]"):
+        get_loss("cosface")(torch.tensor([[1.5, -0.2], [0.3, 0.1]]), torch.tensor([0, 1]))

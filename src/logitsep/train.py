@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._io import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, get_loss, value_checks
 from .metrics import all_logits_scores, slc_metrics
 from .models import SLCModel, build_model, check_model_name
 
@@ -355,6 +355,10 @@ def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, pr
     log = RunLog(out, start if resume else None, log_every, tensorboard) if writes else None
     bar = tqdm(total=config.steps, initial=start, desc=config.loss, unit="step", leave=False, dynamic_ncols=True,
                disable=(not ctx.is_main) or (None if progress is None else not progress))
+    # The losses' value checks read a number from the device each call; on CUDA that would wait for the queued step
+    # every step, so they are off there: the labels were checked when loaded, and a non-finite loss still stops the
+    # run at the next flush (naming its step), before any checkpoint of a later step is written.
+    check_values = torch.device(device).type != "cuda"
     began = time.perf_counter()
     pending: list[Tensor] = []  # losses of the steps since the last flush, still on the device
     last_loss: float | None = None
@@ -369,7 +373,8 @@ def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, pr
                 idx = idx[shard]
             logits = net(x.index_select(0, idx))  # index_select: several times faster than x[idx] on CPU
             try:
-                loss = distributed.batch_loss(loss_fn, logits, y.index_select(0, idx))
+                with value_checks(check_values):
+                    loss = distributed.batch_loss(loss_fn, logits, y.index_select(0, idx))
             except ValueError as err:  # the losses refuse non-finite logits: training diverged at this step
                 if bool(torch.isfinite(logits).all()):
                     raise

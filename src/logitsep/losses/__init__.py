@@ -10,6 +10,7 @@ Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin
 ``cosine`` (cosface, arcface, elasticface, norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
 """
 
+from ._checks import value_checks, value_checks_enabled
 from .batch import BatchCrossEntropyLoss, BatchMaxMarginLoss, batch_cross_entropy, batch_max_margin
 from .binary import BinaryCrossEntropyLoss, NCELoss, binary_cross_entropy, nce
 from .cosine import (
@@ -70,6 +71,8 @@ __all__ = [
     "register",
     "self_normalization",
     "smooth_topk_svm",
+    "value_checks",
+    "value_checks_enabled",
     "z_loss",
     "z_score",
 ]

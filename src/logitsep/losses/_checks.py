@@ -6,12 +6,39 @@ value) with a message that names the argument and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("logitsep_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn on or off, inside the block, the checks that read tensor *values*: finite logits, class indices in
+    range, 0/1 multi-label targets, cosines in ``[−1, 1]`` (shapes, dtypes and arguments are always checked).
+
+    Each such check copies a number from the tensor's device; on a GPU that waits for every queued kernel, once per
+    loss call. A training loop whose data were checked once can skip them (``logitsep train`` does on CUDA, where
+    it still stops at a non-finite loss, reading the losses a window of steps at a time). With the checks off, bad
+    values give NaN or torch's own index errors instead of a ``ValueError``, and cosines are always clamped into
+    ``[−1, 1]``. Per thread and per asyncio task (a ``ContextVar``); blocks nest.
+    """
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """Whether the value checks of :func:`value_checks` are on here (they are by default)."""
+    return _VALUE_CHECKS.get()
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -33,7 +60,8 @@ def check_logits(logits: object, loss: str, *, name: str = "logits", finite: boo
         raise ValueError(f"{loss}: {name} needs at least 2 classes, got shape {tuple(logits.shape)}")
     # The sum is finite for finite inputs unless it overflows; only then is the exact (slower) check needed.
     # (Summed detached, read as a Python float: no autograd node, no extra isfinite kernel, half the cost.)
-    if finite and not math.isfinite(float(logits.detach().sum())) and not bool(torch.isfinite(logits).all()):
+    if (finite and _VALUE_CHECKS.get() and not math.isfinite(float(logits.detach().sum()))
+            and not bool(torch.isfinite(logits).all())):
         raise ValueError(f"{loss}: {name} contains NaN or infinite values; the loss is not defined there")
     return logits.float() if logits.dtype in HALF_DTYPES else logits
 
@@ -59,7 +87,7 @@ def check_target(target: object, logits: Tensor, loss: str, *, multilabel: bool 
         if target.dtype != torch.bool:
             if target.is_complex():
                 raise TypeError(f"{loss}: target must be real, got dtype {target.dtype}")
-            if not bool(((target == 0) | (target == 1)).all()):
+            if _VALUE_CHECKS.get() and not bool(((target == 0) | (target == 1)).all()):
                 raise ValueError(f"{loss}: multi-label target must contain only 0 and 1")
             target = target != 0
         return target.to(logits.device)
@@ -70,9 +98,10 @@ def check_target(target: object, logits: Tensor, loss: str, *, multilabel: bool 
         raise TypeError(f"{loss}: target must be an integer tensor of class indices, got dtype {target.dtype}")
     if target.shape[0] != m:
         raise ValueError(f"{loss}: target has {target.shape[0]} entries but logits have {m} rows")
-    lo, hi = (int(v) for v in torch.aminmax(target))
-    if lo < 0 or hi >= k:
-        raise ValueError(f"{loss}: target values must be in [0, {k}) for {k} classes, got range [{lo}, {hi}]")
+    if _VALUE_CHECKS.get():
+        lo, hi = (int(v) for v in torch.aminmax(target))
+        if lo < 0 or hi >= k:
+            raise ValueError(f"{loss}: target values must be in [0, {k}) for {k} classes, got range [{lo}, {hi}]")
     return target.to(device=logits.device, dtype=torch.long)
 
 
