@@ -417,6 +417,40 @@ def test_fused_class_index_paths_equal_the_unfused_forms(dtype):
             torch.testing.assert_close(a.grad, b.grad, **tol)
 
 
+@pytest.mark.parametrize("gap", [5.0, 12.0, 30.0, 80.0])
+def test_bce_keeps_relative_accuracy_on_well_separated_logits(gap):
+    """True logits at +gap, false ones at −gap: every term of the loss and of the gradient is tiny. Written as
+    Σ_j softplus(z_j) − z_y and σ(z_y) − 1 they cancel to 0 in float32 past gap ≈ 17; the loss must keep float32's
+    relative accuracy there (the PoLS-aligned regime), against float64 on the same inputs."""
+    m, k = 4, 50
+    z64 = torch.full((m, k), -gap, dtype=torch.float64)
+    y = torch.tensor([0, 7, 49, 7])
+    z64[torch.arange(m), y] = gap
+    z64 += torch.linspace(-0.5, 0.5, m * k, dtype=torch.float64).view(m, k)  # distinct values
+    z32 = z64.float().requires_grad_(True)
+    got = binary_cross_entropy(z32, y, reduction="none")
+    ref_z = z32.detach().double().requires_grad_(True)  # the float32 inputs, in float64
+    ref = torch.nn.functional.softplus(-ref_z.gather(1, y[:, None])).squeeze(1) + \
+        torch.nn.functional.softplus(ref_z.scatter(1, y[:, None], float("-inf"))).sum(dim=1)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=0)
+    got.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(z32.grad.double(), ref_z.grad, rtol=1e-5, atol=0)
+    # multi-label targets: a second positive in row 1, also at +gap
+    z_ml = z32.detach().clone()
+    targets = torch.nn.functional.one_hot(y, k).bool()
+    targets[1, 3] = True
+    z_ml[1, 3] = gap
+    z_ml.requires_grad_(True)
+    got = binary_cross_entropy(z_ml, targets, reduction="none")
+    ref_z = z_ml.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.softplus(torch.where(targets, -ref_z, ref_z)).sum(dim=1)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=0)
+    got.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(z_ml.grad.double(), ref_z.grad, rtol=1e-5, atol=0)
+
+
 def test_max_margin_hinge_is_zero_when_separated():
     z = torch.tensor([[5.0, 1.0, 3.9], [0.0, 2.0, 1.5]], dtype=torch.float64)
     y = torch.tensor([0, 1])
