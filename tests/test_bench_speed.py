@@ -161,3 +161,23 @@ def test_bench_search_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["bench", "search", "--items", "100", "--classes", "5", "--queries", "6", "--out",
                  str(tmp_path)]) == 2
     assert "queries" in capsys.readouterr().err
+
+
+def test_bench_losses_small_writes_every_loss_with_paired_ratios(tmp_path: Path) -> None:
+    from logitsep.bench import losses as bench_losses
+    from logitsep.losses import LOSSES
+
+    result = bench_losses.run(batch=8, k=12, rounds=3, out=str(tmp_path / "loss_speed"))
+    rows = {r["loss"]: r for r in result["rows"]}
+    assert set(rows) == set(LOSSES)
+    for r in rows.values():
+        assert r["rounds"] == 3 and r["ce_us"] > 0 and r["loss_us"] > 0
+        assert 0 < r["ratio_q25"] <= r["ratio_to_ce"] <= r["ratio_q75"]
+        assert r["meets_target"] is None or r["meets_target"] == (r["ratio_to_ce"] <= r["target"])
+    for ext in ("csv", "json", "png"):
+        assert (tmp_path / f"loss_speed.{ext}").stat().st_size > 0
+
+
+def test_bench_losses_cli_refuses_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "losses", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

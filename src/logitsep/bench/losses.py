@@ -4,9 +4,10 @@ timed in the same run on the same logits (batch 256, 1000 classes by default).
     python -m logitsep.bench.losses          # or: logitsep bench losses
 
 Targets (issue 3): every loss of the paper within 2× of CE; ``smooth_topk_svm`` (k = 5) within 10×.
-Timing interleaves the baseline with each loss (baseline, loss, baseline, loss, ...) so that a slow phase of a
-shared machine hits both; the ratio is best time against best time over the rounds (noise only adds time; the
-median of the per-round ratios is recorded too). For the cosine losses the baseline is
+Timing interleaves the baseline with each loss round by round (the order reversed every other round; a timing is
+at least 10 ms of back-to-back calls), and the ratio is the median over ``rounds`` of the ratio within a round,
+so that a slow phase of a shared machine, which hits both sides of a round, cancels (the quartiles of the
+per-round ratios and the best-against-best ratio are recorded too). For the cosine losses the baseline is
 ``F.cross_entropy(scale·cos, y)``, the softmax they build on. On CPU the default is one thread:
 on a small shared machine, two OpenMP threads contending with another process make every kernel erratic
 (we saw F.cross_entropy vary 50× run to run), while one thread measures the work itself.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .._io import _json_default
 from ..losses import LOSSES, get_loss
 from ..report import text_table
-from ._common import environment, steady_allocator, time_call, write_results
+from ._common import environment, paired_ratio, steady_allocator, time_call, write_results
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
 TARGETS = {**{name: 2.0 for name in PAPER_LOSSES}, "smooth_topk_svm": 10.0}
@@ -42,7 +43,7 @@ def _step(fn, base: torch.Tensor, target: torch.Tensor):
     return run
 
 
-def run(batch: int = 256, k: int = 1000, rounds: int = 11, out: str | Path | None = "results/bench/loss_speed",
+def run(batch: int = 256, k: int = 1000, rounds: int = 41, out: str | Path | None = "results/bench/loss_speed",
         seed: int = 0, device: str = "cpu", plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
     if threads is not None and device == "cpu":
         torch.set_num_threads(threads)
@@ -63,19 +64,23 @@ def run(batch: int = 256, k: int = 1000, rounds: int = 11, out: str | Path | Non
             inputs = logits
             baseline = _step(F.cross_entropy, inputs, target)
         candidate = _step(loss_fn, inputs, target)
-        ratios, base_times, cand_times = [], [], []
-        for _ in range(rounds):
-            tb = time_call(baseline, repeat=3, device=device)
-            tc = time_call(candidate, repeat=3, device=device)
-            base_times.append(tb)
-            cand_times.append(tc)
-            ratios.append(tc / tb)
-        ratio = min(cand_times) / min(base_times)  # best against best: a noisy neighbour only adds time
+        time_call(baseline, repeat=1, warmup=3, device=device, min_time=0.0)  # warm-up: allocator, caches
+        time_call(candidate, repeat=1, warmup=3, device=device, min_time=0.0)
+        base_times, cand_times = [], []
+        for r in range(rounds):
+            pair = [(base_times, baseline), (cand_times, candidate)]
+            for times, fn in pair if r % 2 == 0 else pair[::-1]:
+                times.append(time_call(fn, repeat=1, warmup=0, device=device, min_time=0.01))
+        ratios = sorted(c / b for b, c in zip(base_times, cand_times, strict=True))
+        ratio = paired_ratio(cand_times, base_times)
         target_ratio = TARGETS.get(name)
         rows.append({"loss": name, "kwargs": str(LOSS_KWARGS.get(name, {})), "batch": batch, "classes": k,
-                     "device": device, "ce_us": round(1e6 * min(base_times), 2),
-                     "loss_us": round(1e6 * min(cand_times), 2), "ratio_to_ce": round(ratio, 3),
-                     "median_round_ratio": round(statistics.median(ratios), 3), "target": target_ratio,
+                     "device": device, "ce_us": round(1e6 * statistics.median(base_times), 2),
+                     "loss_us": round(1e6 * statistics.median(cand_times), 2), "ratio_to_ce": round(ratio, 3),
+                     "ratio_q25": round(ratios[len(ratios) // 4], 3),
+                     "ratio_q75": round(ratios[(3 * len(ratios)) // 4], 3),
+                     "best_over_best": round(min(cand_times) / min(base_times), 3), "rounds": rounds,
+                     "target": target_ratio,
                      "meets_target": None if target_ratio is None else bool(ratio <= target_ratio)})
         print(f"{name:>18}: {rows[-1]['loss_us']:9.1f} us vs CE {rows[-1]['ce_us']:8.1f} us  "
               f"x{ratio:.2f}" + ("" if target_ratio is None else f"  (target <= {target_ratio:g}x)"),
@@ -101,7 +106,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.5))
     colours = ["tab:green" if r["meets_target"] else ("tab:red" if r["meets_target"] is False else "tab:gray")
                for r in rows]
-    ax.barh([r["loss"] for r in rows], [r["ratio_to_ce"] for r in rows], color=colours)
+    ratio = [r["ratio_to_ce"] for r in rows]
+    spread = None
+    if all("ratio_q25" in r for r in rows):  # the quartiles of the per-round ratios as error bars
+        spread = [[max(0.0, x - r["ratio_q25"]) for x, r in zip(ratio, rows, strict=True)],
+                  [max(0.0, r["ratio_q75"] - x) for x, r in zip(ratio, rows, strict=True)]]
+    ax.barh([r["loss"] for r in rows], ratio, color=colours, xerr=spread, ecolor="black", capsize=2)
     for limit in sorted({r["target"] for r in rows if r["target"]}):
         ax.axvline(limit, color="black", lw=0.8, ls="--")
     ax.axvline(1.0, color="gray", lw=0.8)
@@ -109,7 +119,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.set_xlabel(f"forward+backward time / F.cross_entropy (batch {rows[0]['batch']}, {rows[0]['classes']} classes)")
-    ax.set_title("Loss speed relative to cross-entropy (dashed: targets 2x, 10x)")
+    ax.set_title("Loss speed relative to cross-entropy (dashed: targets 2x, 10x;\nbars: median of per-round ratios, "
+                 "whiskers: quartiles)", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -126,12 +137,16 @@ if __name__ == "__main__":
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=256, help="batch size")
     parser.add_argument("--k", type=int, default=1000, help="classes")
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per loss (median of ratios)")
     parser.add_argument("--out", default="results/bench", help="folder for loss_speed.{csv,json,png}")
 
 
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench losses``."""
-    result = run(batch=args.batch, k=args.k, out=f"{args.out}/loss_speed")
+    for label, value in (("--batch", args.batch), ("--k", args.k), ("--rounds", args.rounds)):
+        if value < 1 or (label == "--k" and value < 2):
+            raise ValueError(f"{label} must be at least {2 if label == '--k' else 1}, got {value}")
+    result = run(batch=args.batch, k=args.k, rounds=args.rounds, out=f"{args.out}/loss_speed")
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))
         return 0
