@@ -104,13 +104,19 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str
     return times
 
 
+def _quartiles(name: str, numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """The 25th and 75th percentiles of the within-round ratios: how much the rounds disagree."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    return {f"{name}_q25": round(ratios[len(ratios) // 4], 4), f"{name}_q75": round(ratios[(3 * len(ratios)) // 4], 4)}
+
+
 def _forward_passes(backbone: nn.Module, x: Tensor, head: nn.Module, linear: nn.Linear,
                     c: int) -> dict[str, Callable[[], object]]:
     return {"backbone": lambda: backbone(x), "slc": lambda: head.logit(backbone(x), c),
             "all": lambda: head(backbone(x)), "linear": lambda: linear(backbone(x))}
 
 
-def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 15, device: str = "cpu",
+def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 31, device: str = "cpu",
             seed: int = 0, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """One row per ``k`` for backbone ``name`` (see the module docstring for the four timings)."""
     from .head import random_head
@@ -135,6 +141,7 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 1
                **{f"{key}_ms_per_example": round(1e3 * value / batch, 6) for key, value in med.items()},
                "speedup": round(paired_ratio(times["all"], times["slc"]), 4), "bound": round(bound(macs, k, d), 4),
                "slc_over_backbone": round(paired_ratio(times["slc"], times["backbone"]), 4),
+               **_quartiles("slc_over_backbone", times["slc"], times["backbone"]),
                "all_over_linear": round(paired_ratio(times["all"], times["linear"]), 4), "repeats": repeats}
         row["meets_slc_target"] = bool(row["slc_over_backbone"] <= TARGET_SLC)
         row["meets_all_target"] = bool(row["all_over_linear"] <= TARGET_ALL)
@@ -150,7 +157,7 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 1
 
 
 def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES, batch: int = 32,
-        repeats: int = 15, device: str = "cpu", out: str | Path | None = "results/bench/speed", seed: int = 0,
+        repeats: int = 31, device: str = "cpu", out: str | Path | None = "results/bench/speed", seed: int = 0,
         plot: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure every backbone (default: all of ``PAPER``, torchvision ones only if importable) at every ``k``;
     write ``out.{csv,json,png}``. Returns ``{"rows", "skipped", "environment", "files"}``."""
@@ -251,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(BACKBONES)} (default: all; torchvision ones "
                              "are skipped with a note when torchvision cannot be imported)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=31, help="timed rounds per measurement (median)")
     parser.add_argument("--out", default="results/bench", help="folder for speed.{csv,json,png}")
     add_threads_argument(parser)
 
