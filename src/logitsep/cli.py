@@ -7,6 +7,7 @@
     logitsep calibrate RUN [--precision P | --recall R]   per-class + global thresholds -> RUN/thresholds.json
     logitsep query RUN --class C --input FILE   one class's logit for images (.npy/.png): score, match
     logitsep reproduce table1|table2|alignment --dataset D --out DIR
+    logitsep summarize DIR... --out DIR  table2 over seeds: mean ± sd of several reproduce runs
     logitsep index RUN --out DIR         embed a dataset split with a run's model: an index for class search
     logitsep bench NAME                  speed benchmarks (ratios to a baseline timed in the same run)
     logitsep demo                        MNIST: ce vs batch_ce, the paper-style table
