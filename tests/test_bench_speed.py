@@ -13,7 +13,7 @@ from torch import nn
 
 from logitsep.bench import search as bench_search
 from logitsep.bench import speed
-from logitsep.bench._common import paired_ratio
+from logitsep.bench._common import alternating_rounds, paired_ratio
 from logitsep.cli import main
 
 
@@ -74,7 +74,7 @@ def test_paired_ratio_cancels_drift_between_rounds() -> None:
 def test_interleaved_reverses_the_order_every_other_round() -> None:
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = speed._interleaved(fns, repeats=2, device="cpu")
+    times = alternating_rounds(fns, rounds=2, device="cpu")
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
     runs = [calls[i] for i in range(len(calls)) if i == 0 or calls[i] != calls[i - 1]]  # consecutive calls merged
     # warm-up a b c, round 0 a b c, round 1 c b a (its c follows round 0's c, so the two runs merge)

@@ -195,7 +195,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     print(text_table(body, ["method", "seeds", *(HEADERS[k] for k in METRICS)]))
     comparison = result["comparison"]
     if comparison is not None:
-        print("batch_ce single logit / ce all logits, ratio of mean 1 − metric: "
+        num, den = (f"{loss} {scoring}" for loss, scoring in (comparison["numerator"], comparison["denominator"]))
+        print(f"{num} / {den}, ratio of mean 1 − metric: "
               + ", ".join(f"x{comparison[k]['ratio_of_means']:.2f}" for k in METRICS))
     print(f"wrote {args.out}/table2_seeds.{{json,csv,md,png}}")
     return 0

@@ -166,3 +166,24 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     """Median over rounds of the ratio of two timings taken in the same round: drift in the machine's speed
     between rounds (other jobs, frequency changes) cancels in each ratio, where a ratio of medians keeps it."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def ratio_quartiles(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles of the within-round ratios: how much the rounds disagree."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    return ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+
+
+def alternating_rounds(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device | str | None = None,
+                       warmup: int = 1, min_time: float = 0.01) -> dict[str, list[float]]:
+    """Seconds per call of each function, one timing (at least ``min_time`` of back-to-back calls) of every
+    function per round, ``rounds`` rounds, after ``warmup`` calls each; the order is reversed every other round
+    so that no function always runs right after the same one."""
+    for fn in fns.values():  # warm-up: allocator, kernels, caches
+        time_call(fn, repeat=1, warmup=warmup, device=device, min_time=0.0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(time_call(fns[name], repeat=1, warmup=0, device=device, min_time=min_time))
+    return times

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .._io import _json_default
 from ..losses import LOSSES, get_loss
 from ..report import text_table
-from ._common import environment, paired_ratio, steady_allocator, time_call, write_results
+from ._common import alternating_rounds, environment, paired_ratio, ratio_quartiles, steady_allocator, write_results
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
 TARGETS = {**{name: 2.0 for name in PAPER_LOSSES}, "smooth_topk_svm": 10.0}
@@ -64,21 +64,15 @@ def run(batch: int = 256, k: int = 1000, rounds: int = 41, out: str | Path | Non
             inputs = logits
             baseline = _step(F.cross_entropy, inputs, target)
         candidate = _step(loss_fn, inputs, target)
-        time_call(baseline, repeat=1, warmup=3, device=device, min_time=0.0)  # warm-up: allocator, caches
-        time_call(candidate, repeat=1, warmup=3, device=device, min_time=0.0)
-        base_times, cand_times = [], []
-        for r in range(rounds):
-            pair = [(base_times, baseline), (cand_times, candidate)]
-            for times, fn in pair if r % 2 == 0 else pair[::-1]:
-                times.append(time_call(fn, repeat=1, warmup=0, device=device, min_time=0.01))
-        ratios = sorted(c / b for b, c in zip(base_times, cand_times, strict=True))
+        times = alternating_rounds({"ce": baseline, "loss": candidate}, rounds, device, warmup=3)
+        base_times, cand_times = times["ce"], times["loss"]
         ratio = paired_ratio(cand_times, base_times)
+        q25, q75 = ratio_quartiles(cand_times, base_times)
         target_ratio = TARGETS.get(name)
         rows.append({"loss": name, "kwargs": str(LOSS_KWARGS.get(name, {})), "batch": batch, "classes": k,
                      "device": device, "ce_us": round(1e6 * statistics.median(base_times), 2),
                      "loss_us": round(1e6 * statistics.median(cand_times), 2), "ratio_to_ce": round(ratio, 3),
-                     "ratio_q25": round(ratios[len(ratios) // 4], 3),
-                     "ratio_q75": round(ratios[(3 * len(ratios)) // 4], 3),
+                     "ratio_q25": round(q25, 3), "ratio_q75": round(q75, 3),
                      "best_over_best": round(min(cand_times) / min(base_times), 3), "rounds": rounds,
                      "target": target_ratio,
                      "meets_target": None if target_ratio is None else bool(ratio <= target_ratio)})
@@ -143,9 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench losses``."""
-    for label, value in (("--batch", args.batch), ("--k", args.k), ("--rounds", args.rounds)):
-        if value < 1 or (label == "--k" and value < 2):
-            raise ValueError(f"{label} must be at least {2 if label == '--k' else 1}, got {value}")
+    for label, value, least in (("--batch", args.batch, 1), ("--k", args.k, 2), ("--rounds", args.rounds, 1)):
+        if value < least:
+            raise ValueError(f"{label} must be at least {least}, got {value}")
     result = run(batch=args.batch, k=args.k, rounds=args.rounds, out=f"{args.out}/loss_speed")
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))

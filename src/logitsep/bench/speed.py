@@ -39,11 +39,12 @@ from .._io import _json_default, atomic_write
 from ..report import text_table
 from ._common import (
     add_threads_argument,
+    alternating_rounds,
     apply_threads,
     environment,
     paired_ratio,
+    ratio_quartiles,
     steady_allocator,
-    time_call,
     write_results,
 )
 
@@ -91,25 +92,6 @@ def bound(macs: int, k: int, d: int) -> float:
     return (macs + k * d) / (macs + d)
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each function, one round of every function after another, ``repeats`` rounds; the
-    order is reversed every other round so that no function always runs right after the same one."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up: allocator, kernels, caches
-        time_call(fn, repeat=1, warmup=1, device=device, min_time=0.0)
-    names = list(fns)
-    for i in range(repeats):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            times[name].append(time_call(fns[name], repeat=1, warmup=0, device=device, min_time=0.01))
-    return times
-
-
-def _quartiles(name: str, numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
-    """The 25th and 75th percentiles of the within-round ratios: how much the rounds disagree."""
-    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
-    return {f"{name}_q25": round(ratios[len(ratios) // 4], 4), f"{name}_q75": round(ratios[(3 * len(ratios)) // 4], 4)}
-
-
 def _forward_passes(backbone: nn.Module, x: Tensor, head: nn.Module, linear: nn.Linear,
                     c: int) -> dict[str, Callable[[], object]]:
     return {"backbone": lambda: backbone(x), "slc": lambda: head.logit(backbone(x), c),
@@ -134,14 +116,15 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 3
         linear.weight, linear.bias = head.weight, head.bias  # the same weights: only the code path differs
         fns = _forward_passes(backbone, x, head, linear, c=k // 2)
         with torch.inference_mode():
-            times = _interleaved(fns, repeats, device)
+            times = alternating_rounds(fns, repeats, device)
         med = {key: statistics.median(value) for key, value in times.items()}
+        slc_q25, slc_q75 = ratio_quartiles(times["slc"], times["backbone"])
         row = {"backbone": name, "d": d, "classes": k, "log2_classes": round(float(torch.tensor(k).log2()), 3),
                "batch": batch, "device": str(device), "backbone_macs": macs,
                **{f"{key}_ms_per_example": round(1e3 * value / batch, 6) for key, value in med.items()},
                "speedup": round(paired_ratio(times["all"], times["slc"]), 4), "bound": round(bound(macs, k, d), 4),
                "slc_over_backbone": round(paired_ratio(times["slc"], times["backbone"]), 4),
-               **_quartiles("slc_over_backbone", times["slc"], times["backbone"]),
+               "slc_over_backbone_q25": round(slc_q25, 4), "slc_over_backbone_q75": round(slc_q75, 4),
                "all_over_linear": round(paired_ratio(times["all"], times["linear"]), 4), "repeats": repeats}
         row["meets_slc_target"] = bool(row["slc_over_backbone"] <= TARGET_SLC)
         row["meets_all_target"] = bool(row["all_over_linear"] <= TARGET_ALL)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _VALUE_CHECKS: ContextVar[bool] = ContextVar("logitsep_value_checks", default=True)
 
 
@@ -39,7 +40,6 @@ def value_checks(enabled: bool) -> Iterator[None]:
 def value_checks_enabled() -> bool:
     """Whether the value checks of :func:`value_checks` are on here (they are by default)."""
     return _VALUE_CHECKS.get()
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_logits(logits: object, loss: str, *, name: str = "logits", finite: bool = True) -> Tensor:

@@ -55,11 +55,11 @@ def _check_cosines(cosines: object, loss: str) -> Tensor:
     """
     c = check_logits(cosines, loss, name="cosines")
     in_dtype = cosines.dtype  # type: ignore[union-attr]  # a tensor: check_logits has verified it
+    if not value_checks_enabled():
+        return c.clamp(-1.0, 1.0)
     tol = COSINE_TOLERANCE
     if in_dtype in (torch.float16, torch.bfloat16):
         tol = max(tol, 2 * torch.finfo(in_dtype).eps)
-    if not value_checks_enabled():
-        return c.clamp(-1.0, 1.0)
     lo, hi = (float(v) for v in torch.aminmax(c.detach()))
     if lo < -1.0 - tol or hi > 1.0 + tol:
         raise ValueError(
