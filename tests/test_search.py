@@ -153,6 +153,102 @@ def test_continuous_scores_match_a_float64_scan(gen: torch.Generator, index_of) 
         np.testing.assert_allclose(result.scores, exact[result.ids, j].numpy(), rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------- float16 screen (exact)
+
+
+def clustered(gen: torch.Generator, n: int, dim: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items near one of ``classes`` unit means and the class vectors: a few items score high for each query,
+    most score low, and many fall near the thresholds tested (the screen's margin is exercised)."""
+    means = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    noise = 0.5 / dim ** 0.5 * torch.randn(n, dim, generator=gen)
+    items = means[torch.randint(0, classes, (n,), generator=gen)] + noise
+    return items, means
+
+
+def screened(index: EmbeddingIndex) -> int:
+    """Rows the index's float16 screen holds (0: not built)."""
+    return 0 if index._screen is None else index._screen.count
+
+
+@pytest.mark.parametrize("threshold, top_k", [(0.5, None), (0.9, None), (None, 7), (0.6, 25), (None, 1)])
+def test_screened_search_equals_a_float64_brute_force(gen: torch.Generator, index_of, monkeypatch,
+                                                      threshold: float | None, top_k: int | None) -> None:
+    vectors, means = clustered(gen, 3000, 24, 30)
+    index = index_of(vectors)
+    monkeypatch.setattr(search_mod, "_scan", lambda *a, **k: pytest.fail("the screen should answer, not _scan"))
+    results = index.search(means[:3], threshold=threshold, top_k=top_k)
+    assert screened(index) == len(vectors)
+    for j, result in enumerate(results):
+        ids, scores = brute_force(vectors.numpy(), means[j].numpy(), threshold, top_k)
+        assert result.ids.tolist() == ids
+        np.testing.assert_allclose(result.scores, scores, rtol=1e-6, atol=1e-6)
+        assert result.scanned == len(vectors)
+
+
+def test_screen_and_float32_scan_agree_on_every_query_kind(gen: torch.Generator, tmp_path: Path) -> None:
+    vectors, means = clustered(gen, 2000, 40, 8)
+    with EmbeddingIndex.create(tmp_path / "ix", 40) as index:
+        index.append(vectors)
+    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
+    for threshold, top_k in [(0.4, None), (None, 50), (0.7, 3), ([0.3, 0.8], None), (-np.inf, 5)]:
+        a = fast.search(means[:2], threshold=threshold, top_k=top_k)
+        b = plain.search(means[:2], threshold=threshold, top_k=top_k)
+        for x, y in zip(a, b, strict=True):
+            assert sorted(x.ids.tolist()) == sorted(y.ids.tolist())
+            np.testing.assert_allclose(np.sort(x.scores), np.sort(y.scores), rtol=1e-6, atol=1e-6)
+    assert screened(fast) == len(vectors) and screened(plain) == 0
+
+
+def test_screen_margin_bounds_the_float16_error(gen: torch.Generator) -> None:
+    """The bound of ``screen_margin`` holds on data built to strain it: entries of every magnitude from the
+    float16 subnormals to 10^4, all of one sign (no cancellation hides the rounding) or mixed, long rows."""
+    if not search_mod._fp16_mv_accumulates_in_fp32():
+        pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
+    worst = 0.0
+    for dim in (3, 64, 513, 4096):
+        for signed in (False, True):
+            mags = 10.0 ** torch.empty(200, dim).uniform_(-7, 4, generator=gen)
+            rows = mags * (torch.randn(200, dim, generator=gen).sign() if signed else 1)
+            query = 10.0 ** torch.empty(dim).uniform_(-7, 0, generator=gen)
+            max_norm = float(rows.double().norm(dim=1).max())
+            query /= max(1.0, 1.02 * max_norm * float(query.double().norm()) / search_mod._F16_SCORE_LIMIT)
+            assert 1.01 * max_norm * float(query.double().norm()) < search_mod._F16_SCORE_LIMIT  # the screen's domain
+            exact = rows.double() @ query.double()
+            got = torch.mv(rows.half(), query.half()).double()
+            margin = search_mod.screen_margin(dim, max_norm, float(query.double().norm()))
+            worst = max(worst, float((got - exact).abs().max()) / margin)
+    assert worst <= 1.0, worst
+    assert worst > 0.05  # the bound is not vacuous: errors come within a factor of 20 of it
+
+
+def test_screen_follows_appends_and_steps_aside_when_it_cannot_help(gen: torch.Generator, tmp_path: Path) -> None:
+    vectors, means = clustered(gen, 500, 8, 4)
+    index = EmbeddingIndex.create(tmp_path / "ix", 8)
+    index.append(vectors[:300])
+    assert index.search(means[0], threshold=0.5).ids.tolist() == brute_force(
+        vectors[:300].numpy(), means[0].numpy(), 0.5, None)[0]
+    assert screened(index) == 300
+    index.append(vectors[300:])  # the next search converts the new rows only
+    assert index.search(means[0], threshold=0.5).ids.tolist() == brute_force(
+        vectors.numpy(), means[0].numpy(), 0.5, None)[0]
+    assert screened(index) == 500
+    # every item a candidate (threshold −inf) → the float32 scan answers
+    assert len(index.search(means[0], threshold=-np.inf)) == 500
+    # a row beyond float16's range turns the screen off for good; answers stay exact
+    big = torch.zeros(1, 8)
+    big[0, 0] = 1e6
+    index.append(big)
+    result = index.search(means[0], top_k=3)
+    assert result.ids.tolist() == brute_force(torch.cat([vectors, big]).numpy(), means[0].numpy(), None, 3)[0]
+    assert not index._screen.usable
+    # a query whose scores would leave float16's range is scanned in float32
+    plain = EmbeddingIndex.create(tmp_path / "iy", 8)
+    plain.append(vectors)
+    assert plain.search(means[0] * 1e5, top_k=2).ids.tolist() == brute_force(
+        vectors.numpy(), (means[0] * 1e5).numpy(), None, 2)[0]
+    assert screened(EmbeddingIndex.open(tmp_path / "iy", screen=False)) == 0
+
+
 def test_empty_index_and_top_k_beyond_the_count(tmp_path: Path, gen: torch.Generator) -> None:
     index = EmbeddingIndex.create(tmp_path / "empty", 3)
     assert len(index) == 0 and index.vectors.shape == (0, 3)
