@@ -160,18 +160,17 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
               "float32 scan threshold": lambda: plain.search(q0, threshold=0.0)}
     rounds = _rounds(single, repeats)
     t = _medians(rounds)
-    single.clear()  # frees the probe tensor
-    bandwidth = probe_bytes / t["tensor.sum"] / 1e9
     # bytes an exact search reads: the float16 rows plus the candidates re-scored from the float32 rows, or every
     # float32 row where the screen stepped aside (too many candidates, values out of float16's range)
     read: dict[str, float] = {"tensor.sum": probe_bytes, "torch.mv": nbytes, "float32 scan threshold": nbytes}
     answered: dict[str, bool] = {}
-    for name, call in (("exact threshold", lambda: index.search(q0, threshold=0.0)),
-                       (f"exact top-{TOP_K}", lambda: index.search(q0, top_k=TOP_K))):
-        call()
+    for name in ("exact threshold", f"exact top-{TOP_K}"):
+        single[name]()
         candidates = -1 if index._screen is None else index._screen.last_candidates
         answered[name] = candidates >= 0
         read[name] = n * index.dim * 2 + candidates * index.row_bytes if candidates >= 0 else nbytes
+    single.clear()  # frees the probe tensor
+    bandwidth = probe_bytes / t["tensor.sum"] / 1e9
     rows: list[dict[str, Any]] = []
     for name, seconds in t.items():
         rows.append({"method": name, "nprobe": None, "ms_per_query": 1e3 * seconds,
