@@ -153,6 +153,60 @@ def test_continuous_scores_match_a_float64_scan(gen: torch.Generator, index_of) 
         np.testing.assert_allclose(result.scores, exact[result.ids, j].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_matrix_vector_product_equals_one_call_bit_for_bit(gen: torch.Generator, threads: int) -> None:
+    """The float32 scan splits one query's product over threads; at every row count and alignment tried (an
+    offset view shifts where rows start in memory) the scores are exactly those of a single torch.mv."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for n, dim, offset in [(search_mod._SPLIT_MIN_ROWS + 1, 7, 0), (70_001, 33, 1), (100_003, 65, 3)]:
+            block = torch.randn(n + offset, dim, generator=gen)[offset:]
+            query = torch.randn(dim, generator=gen)
+            assert torch.equal(search_mod._split_mv(block, query), torch.mv(block, query))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_float32_scan_over_threads_equals_a_float64_brute_force(gen: torch.Generator, tmp_path: Path) -> None:
+    """Past _SPLIT_MIN_ROWS the scan's product is split over threads: its answers on integer data (exact scores,
+    many ties) are those of the float64 brute force."""
+    vectors = torch.randint(-3, 4, (search_mod._SPLIT_MIN_ROWS + 999, 3), generator=gen).float()
+    query = torch.tensor([1.0, -2.0, 1.0])
+    with EmbeddingIndex.create(tmp_path / "ix", 3) as index:
+        index.append(vectors)
+    exact = vectors.double() @ query.double()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with EmbeddingIndex.open(tmp_path / "ix", screen=False) as index:
+            found = index.search(query, threshold=10.0)
+            top = index.search(query, top_k=40)
+    finally:
+        torch.set_num_threads(before)
+    order = sorted(range(len(vectors)), key=lambda i: (-float(exact[i]), i))  # score descending, ties by id
+    assert found.ids.tolist() == [i for i in order if exact[i] >= 10.0]
+    assert top.ids.tolist() == order[:40] and top.scores.tolist() == exact[order[:40]].tolist()
+
+
+def test_float16_cut_keeps_every_score_at_or_above_the_cut(gen: torch.Generator) -> None:
+    """The screen compares float16 scores with the largest float16 at most the cut: no score ≥ cut is lost
+    (a cut rounded to the nearest float16 would lose some), and only scores within one float16 step below it
+    are added; cuts beyond float16's range bound from below as well."""
+    scores = (torch.randn(100_000, generator=gen) * 300).half()
+    as32 = scores.float().numpy()
+    cuts = [*(torch.randn(300, generator=gen) * 300).tolist(), 0.0, -0.0, 1e-9, -1e-9, 0.1, 65504.0, -65504.0,
+            1e6, -1e6]
+    for cut in cuts:
+        c16 = search_mod._float16_at_most(cut)
+        assert c16.dtype == torch.float16 and float(c16) <= cut
+        kept = set(np.flatnonzero((scores >= c16).numpy()).tolist())
+        wanted = set(np.flatnonzero(as32 >= np.float32(cut)).tolist())
+        assert wanted <= kept, cut
+        if abs(cut) < 60000:  # nothing more than the float16 values in [c16, cut)
+            assert all(float(c16) <= as32[i] < cut for i in kept - wanted)
+
+
 # ------------------------------------------------------------------------------- float16 screen (exact)
 
 

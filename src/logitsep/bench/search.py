@@ -21,8 +21,9 @@ hits all of them), after warm-up, all in the same process with the same threads:
   ``gb_per_s``, the bytes it reads (float16 rows plus the re-scored float32 rows) per second, as a share of the
   bandwidth ``bandwidth_ratio``; ``float32_equivalent_bandwidth_ratio``: the items per second as float32 bytes
   (the share of the bandwidth a float32 scan would need to keep up);
-* ``float32 scan``: the same search with ``screen=False`` (one ``torch.mv`` over the memory map plus the threshold
-  filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth (``float32_scan_bandwidth_ratio``);
+* ``float32 scan``: the same search with ``screen=False`` (one ``torch.mv`` over the memory map, its rows split over
+  the threads, plus the threshold filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth
+  (``float32_scan_bandwidth_ratio``);
 * IVF (``IndexIVFFlat``, inner product, ``--nlist`` lists) for each ``nprobe`` of ``--nprobes``: recall of the
   threshold query's items and of the top-100 against the exact search, and the speed-up per query (one query
   per call for both; batched calls are reported too).
