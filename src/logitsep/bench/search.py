@@ -19,8 +19,9 @@ hits all of them), after warm-up, all in the same process with the same threads:
   candidates near the threshold in float32 (``EmbeddingIndex.open``): ``items_per_s``, ``torch_ratio`` =
   time(torch.mv) / time(search) (≥ 1: no slower than torch), the median of that ratio within each round, and
   ``gb_per_s``, the bytes it reads (float16 rows plus the re-scored float32 rows) per second, as a share of the
-  bandwidth ``bandwidth_ratio``; ``float32_equivalent_bandwidth_ratio``: the items per second as float32 bytes
-  (the share of the bandwidth a float32 scan would need to keep up);
+  bandwidth ``bandwidth_ratio`` (like every ratio here, the median of the ratio within each round, where a slow
+  phase of the machine hits both sides, not a ratio of the two medians); ``float32_equivalent_bandwidth_ratio``:
+  the items per second as float32 bytes (the share of the bandwidth a float32 scan would need to keep up);
 * ``float32 scan``: the same search with ``screen=False`` (one ``torch.mv`` over the memory map, its rows split over
   the threads, plus the threshold filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth
   (``float32_scan_bandwidth_ratio``);
@@ -179,15 +180,18 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
                      "items_per_s": n / seconds if name != "tensor.sum" else None,
                      "recall_threshold": 1.0 if name.startswith(("exact", "float32")) else None, "recall_top_k": None,
                      "speedup_vs_exact": None, "scanned_fraction": 1.0})
-    exact_s, plain_s = t["exact threshold"], t["float32 scan threshold"]
+    exact_s = t["exact threshold"]
     summary = {"items_per_s": n / exact_s, "gb_per_s": read["exact threshold"] / exact_s / 1e9,
                "bandwidth_gb_per_s": bandwidth, "screened": answered["exact threshold"],
                "torch_ratio": paired_ratio(rounds["torch.mv"], rounds["exact threshold"]),
                "float32_scan_torch_ratio": paired_ratio(rounds["torch.mv"], rounds["float32 scan threshold"]),
-               "float32_scan_bandwidth_ratio": nbytes / plain_s / 1e9 / bandwidth}
-    summary["bandwidth_ratio"] = summary["gb_per_s"] / bandwidth
+               # shares of the bandwidth, paired like torch_ratio: (bytes / t) / (probe bytes / t_sum), round by round
+               "float32_scan_bandwidth_ratio": nbytes / probe_bytes * paired_ratio(
+                   rounds["tensor.sum"], rounds["float32 scan threshold"])}
+    to_sum = paired_ratio(rounds["tensor.sum"], rounds["exact threshold"])
+    summary["bandwidth_ratio"] = read["exact threshold"] / probe_bytes * to_sum
     # items per second as float32 bytes: the share of the bandwidth a float32 scan would need to keep up
-    summary["float32_equivalent_bandwidth_ratio"] = nbytes / exact_s / 1e9 / bandwidth
+    summary["float32_equivalent_bandwidth_ratio"] = nbytes / probe_bytes * to_sum
     plain.close()
     log(f"bandwidth (tensor.sum) {bandwidth:.1f} GB/s; torch.mv {nbytes / t['torch.mv'] / 1e9:.1f} GB/s; exact "
         f"search {summary['gb_per_s']:.1f} GB/s read ({summary['bandwidth_ratio']:.0%} of bandwidth, "
