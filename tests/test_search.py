@@ -153,37 +153,31 @@ def test_continuous_scores_match_a_float64_scan(gen: torch.Generator, index_of) 
         np.testing.assert_allclose(result.scores, exact[result.ids, j].numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_split_matrix_vector_product_equals_one_call_bit_for_bit(gen: torch.Generator, threads: int) -> None:
-    """The float32 scan splits one query's product over threads; at every row count and alignment tried (an
-    offset view shifts where rows start in memory) the scores are exactly those of a single torch.mv."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        for n, dim, offset in [(search_mod._SPLIT_MIN_ROWS + 1, 7, 0), (70_001, 33, 1), (100_003, 65, 3)]:
-            block = torch.randn(n + offset, dim, generator=gen)[offset:]
-            query = torch.randn(dim, generator=gen)
-            assert torch.equal(search_mod._split_mv(block, query), torch.mv(block, query))
-    finally:
-        torch.set_num_threads(before)
+def test_one_query_product_is_a_float32_dot_product_per_row(gen: torch.Generator) -> None:
+    """The float32 scan's product for one query (numpy's BLAS): each score within the float32 error bound of its
+    float64 dot product, γ_d·Σ|v_j q_j|, on a memory-map-like view whose rows start at any alignment."""
+    for n, dim, offset in [(1, 3, 0), (1000, 7, 1), (70_001, 33, 3), (5000, 513, 0)]:
+        block = torch.randn(n + offset, dim, generator=gen)[offset:]
+        query = torch.randn(dim, generator=gen)
+        got = search_mod._matrix_vector(block, query)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        exact = block.double() @ query.double()
+        gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+        bound = gamma * (block.double().abs() @ query.double().abs()) + 2.0 ** -24 * exact.abs()
+        assert bool(((got.double() - exact).abs() <= bound).all())
 
 
-def test_float32_scan_over_threads_equals_a_float64_brute_force(gen: torch.Generator, tmp_path: Path) -> None:
-    """Past _SPLIT_MIN_ROWS the scan's product is split over threads: its answers on integer data (exact scores,
-    many ties) are those of the float64 brute force."""
-    vectors = torch.randint(-3, 4, (search_mod._SPLIT_MIN_ROWS + 999, 3), generator=gen).float()
+def test_float32_scan_of_many_rows_equals_a_float64_brute_force(gen: torch.Generator, tmp_path: Path) -> None:
+    """A float32 scan of 70,000 rows (BLAS splits them over its threads): on integer data (exact scores, many ties)
+    its threshold and top-k answers are those of the float64 brute force, ties by id."""
+    vectors = torch.randint(-3, 4, (70_000, 3), generator=gen).float()
     query = torch.tensor([1.0, -2.0, 1.0])
     with EmbeddingIndex.create(tmp_path / "ix", 3) as index:
         index.append(vectors)
     exact = vectors.double() @ query.double()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with EmbeddingIndex.open(tmp_path / "ix", screen=False) as index:
-            found = index.search(query, threshold=10.0)
-            top = index.search(query, top_k=40)
-    finally:
-        torch.set_num_threads(before)
+    with EmbeddingIndex.open(tmp_path / "ix", screen=False) as index:
+        found = index.search(query, threshold=10.0)
+        top = index.search(query, top_k=40)
     order = sorted(range(len(vectors)), key=lambda i: (-float(exact[i]), i))  # score descending, ties by id
     assert found.ids.tolist() == [i for i in order if exact[i] >= 10.0]
     assert top.ids.tolist() == order[:40] and top.scores.tolist() == exact[order[:40]].tolist()

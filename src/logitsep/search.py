@@ -39,7 +39,6 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,37 +259,18 @@ def _as_rows(vectors: object, dim: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- exact scan
 
 
-_SPLIT_MIN_ROWS = 1 << 16  # a float32 matrix-vector product over fewer rows runs on one thread
-_SPLIT_ALIGN = 64
-_MV_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count
-_MV_POOL_LOCK = threading.Lock()
+def _matrix_vector(block: Tensor, query: Tensor) -> Tensor:
+    """The float32 scores ``block @ query`` of one query, through numpy's BLAS on CPU.
 
-
-def _split_mv(block: Tensor, query: Tensor) -> Tensor:
-    """``torch.mv(block, query)`` for a float32 ``block``, its rows split over ``torch.get_num_threads()`` threads.
-
-    On CPU, torch's float32 matrix-vector product runs on one core whatever the intra-op threads (14–16 GB/s on
-    this project's 2-core VM, against 34–40 GB/s for a two-thread ``tensor.sum``), so a scan would use half the
-    memory bandwidth. Each thread takes a contiguous range of rows and writes its scores into its slice of one
-    output (``torch.mv`` releases the GIL). The scores equal those of one call, bit for bit (see the boundaries).
+    numpy's wheels bring OpenBLAS, whose multi-threaded ``sgemv`` streams a memory-mapped ``10⁶ × 513`` matrix at
+    77–96% of a two-thread ``tensor.sum`` on this project's 2-core AMD VM, while ``torch.mv`` (MKL here) runs on
+    one core at about 15 GB/s whatever torch's threads: a third of the bandwidth. Its threads follow OpenBLAS's
+    own settings (``OPENBLAS_NUM_THREADS``; all cores by default). Scores are float32 dot products, as with
+    ``torch.mv``; the order of the sum differs, so a score may differ from torch's in its last bits.
     """
-    threads = torch.get_num_threads()
-    n = block.shape[0]
-    if threads < 2 or n < _SPLIT_MIN_ROWS or block.device.type != "cpu":
+    if block.device.type != "cpu":
         return torch.mv(block, query)
-    with _MV_POOL_LOCK:
-        if threads not in _MV_POOLS:
-            _MV_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="logitsep-mv")
-        pool = _MV_POOLS[threads]
-    out = torch.empty(n, dtype=torch.result_type(block, query))
-    # boundaries at multiples of 64 rows: each row then has the same alignment in memory as in one call over the
-    # block, and the kernel sums it in the same order (split elsewhere, a score can differ in its last bit)
-    bounds = [min(n, (n * i // threads) // _SPLIT_ALIGN * _SPLIT_ALIGN) for i in range(threads)] + [n]
-    futures = [pool.submit(torch.mv, block[a:b], query, out=out[a:b])
-               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    for future in futures:
-        future.result()
-    return out
+    return torch.from_numpy(np.dot(block.numpy(), query.contiguous().numpy()))
 
 
 def _scan(data: Tensor, queries: Tensor, thresholds: Tensor | None, top_k: int | None,
@@ -316,7 +296,7 @@ def _scan(data: Tensor, queries: Tensor, thresholds: Tensor | None, top_k: int |
     limits = None if thresholds is None else thresholds.numpy()
     for start in range(0, n, chunk_rows):
         block = data[start:start + chunk_rows]
-        s = _split_mv(block, queries[0])[None] if q == 1 else torch.mm(block, qt).T.contiguous()  # [q, rows]
+        s = _matrix_vector(block, queries[0])[None] if q == 1 else torch.mm(block, qt).T.contiguous()  # [q, rows]
         if top_k is None:
             # numpy's flatnonzero: ~1 ns per score against ~7 for torch.nonzero, a few % of the scan
             scores = s.numpy()

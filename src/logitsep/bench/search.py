@@ -22,8 +22,8 @@ hits all of them), after warm-up, all in the same process with the same threads:
   bandwidth ``bandwidth_ratio`` (like every ratio here, the median of the ratio within each round, where a slow
   phase of the machine hits both sides, not a ratio of the two medians); ``float32_equivalent_bandwidth_ratio``:
   the items per second as float32 bytes (the share of the bandwidth a float32 scan would need to keep up);
-* ``float32 scan``: the same search with ``screen=False`` (one ``torch.mv`` over the memory map, its rows split over
-  the threads, plus the threshold filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth
+* ``float32 scan``: the same search with ``screen=False`` (one float32 matrix-vector product by numpy's BLAS over
+  the memory map, plus the threshold filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth
   (``float32_scan_bandwidth_ratio``);
 * IVF (``IndexIVFFlat``, inner product, ``--nlist`` lists) for each ``nprobe`` of ``--nprobes``: recall of the
   threshold query's items and of the top-100 against the exact search, and the speed-up per query (one query
