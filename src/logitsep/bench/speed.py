@@ -116,7 +116,7 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 3
         linear.weight, linear.bias = head.weight, head.bias  # the same weights: only the code path differs
         fns = _forward_passes(backbone, x, head, linear, c=k // 2)
         with torch.inference_mode():
-            times = alternating_rounds(fns, repeats, device)
+            times = alternating_rounds(fns, repeats, device, warmup=5)
         med = {key: statistics.median(value) for key, value in times.items()}
         slc_q25, slc_q75 = ratio_quartiles(times["slc"], times["backbone"])
         row = {"backbone": name, "d": d, "classes": k, "log2_classes": round(float(torch.tensor(k).log2()), 3),
