@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _fused
 from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
 from .registry import register
 
@@ -30,8 +31,11 @@ class _BceRows(torch.autograd.Function):
     def forward(ctx, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(z, y)
         index = y[:, None]
+        target_term = F.softplus(-z.gather(1, index))
+        if _fused.applies(z):  # one pass over z, the target's column skipped (see _fused)
+            return _fused.softplus_row_sums(z, 0.0, y).add_(target_term.squeeze(1))
         softplus = F.softplus(z)
-        softplus.scatter_(1, index, F.softplus(-z.gather(1, index)))
+        softplus.scatter_(1, index, target_term)
         return softplus.sum(dim=1)
 
     @staticmethod
@@ -39,7 +43,7 @@ class _BceRows(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         z, y = ctx.saved_tensors
         index, g = y[:, None], grad_out[:, None]
-        grad = torch.sigmoid(z).mul_(g)
+        grad = _fused.scaled_sigmoid(z, grad_out) if _fused.applies(z) else torch.sigmoid(z).mul_(g)
         return grad.scatter_(1, index, torch.sigmoid(-z.gather(1, index)).neg_().mul_(g)), None
 
 
@@ -52,9 +56,15 @@ class _SoftplusRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, c: Tensor | float, w: Tensor | float,  # type: ignore[override]
                 y: Tensor | None) -> Tensor:
-        shifted = z - c if isinstance(c, Tensor) or c != 0 else z
-        softplus = F.softplus(shifted)
-        out = softplus @ w if isinstance(w, Tensor) else softplus.sum(dim=1).mul_(w)
+        # numbers c and w on a float32 CPU tensor: the fused kernel shifts z itself, nothing [m, k] is stored
+        fused = not isinstance(c, Tensor) and not isinstance(w, Tensor) and _fused.applies(z)
+        if fused:
+            shifted = z
+            out = _fused.softplus_row_sums(z, float(c)).mul_(w)
+        else:
+            shifted = z - c if isinstance(c, Tensor) or c != 0 else z
+            softplus = F.softplus(shifted)
+            out = softplus @ w if isinstance(w, Tensor) else softplus.sum(dim=1).mul_(w)
         slope = None
         if y is not None:  # softplus(c_y − z_y), whose slope in z_y is −σ(c_y − z_y)
             margin = (c[y] if isinstance(c, Tensor) else c) - z.gather(1, y[:, None]).squeeze(1)
@@ -62,17 +72,19 @@ class _SoftplusRows(torch.autograd.Function):
             slope = torch.sigmoid(margin).neg_()
         ctx.save_for_backward(shifted, y, w if isinstance(w, Tensor) else None, slope)
         ctx.scalar_w = None if isinstance(w, Tensor) else w
+        ctx.fused_shift = float(c) if fused else None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         shifted, y, w, slope = ctx.saved_tensors
-        grad = torch.sigmoid(shifted)
-        if w is not None:
-            grad.mul_(w).mul_(grad_out[:, None])
+        if ctx.fused_shift is not None:  # shifted is z itself here
+            grad = _fused.scaled_sigmoid(shifted, grad_out * ctx.scalar_w, ctx.fused_shift)
+        elif w is not None:
+            grad = torch.sigmoid(shifted).mul_(w).mul_(grad_out[:, None])
         else:
-            grad.mul_((grad_out * ctx.scalar_w)[:, None])
+            grad = torch.sigmoid(shifted).mul_((grad_out * ctx.scalar_w)[:, None])
         if y is not None:
             grad.scatter_add_(1, y[:, None], (slope * grad_out)[:, None])
         return grad, None, None, None
