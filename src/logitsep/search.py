@@ -263,10 +263,11 @@ def _matrix_vector(block: Tensor, query: Tensor) -> Tensor:
     """The float32 scores ``block @ query`` of one query, through numpy's BLAS on CPU.
 
     numpy's wheels bring OpenBLAS, whose multi-threaded ``sgemv`` streams a memory-mapped ``10⁶ × 513`` matrix at
-    77–96% of a two-thread ``tensor.sum`` on this project's 2-core AMD VM, while ``torch.mv`` (MKL here) runs on
-    one core at about 15 GB/s whatever torch's threads: a third of the bandwidth. Its threads follow OpenBLAS's
-    own settings (``OPENBLAS_NUM_THREADS``; all cores by default). Scores are float32 dot products, as with
-    ``torch.mv``; the order of the sum differs, so a score may differ from torch's in its last bits.
+    77–118% of the speed of a two-thread ``tensor.sum`` on this project's 2-core AMD VM (runs of 2026-12-02), while
+    ``torch.mv`` (MKL here) runs on one core at about 15 GB/s whatever torch's threads: a third of the bandwidth.
+    Its threads follow OpenBLAS's own settings (``OPENBLAS_NUM_THREADS``; all cores by default). Scores are float32
+    dot products, as with ``torch.mv``; the order of the sum differs, so a score may differ from torch's in its
+    last bits.
     """
     if block.device.type != "cpu":
         return torch.mv(block, query)

@@ -25,7 +25,9 @@ class _BceRows(torch.autograd.Function):
     instead cancels catastrophically once ``z_y ≫ 0`` (every digit is lost past z_y ≈ 17 in float32), which is
     exactly where well-separated, PoLS-aligned logits live. The backward is one sigmoid, an in-place scaling and
     an in-place write of ``m`` entries; composed of torch ops instead, the softplus backward recomputes an
-    exponential, and the target term's gradient is scattered into a fresh ``[m, k]`` tensor and added."""
+    exponential, and the target term's gradient is scattered into a fresh ``[m, k]`` tensor and added. On a
+    contiguous float32 CPU tensor, the row sum and the scaled sigmoid are each one pass of the fused kernels of
+    :mod:`._fused` (the target's column skipped in the sum), where torch takes three."""
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
@@ -51,7 +53,9 @@ class _SoftplusRows(torch.autograd.Function):
     """``out_i = Σ_j w_j·softplus(z_ij − c_j)``, plus ``softplus(c_{y_i} − z_{i,y_i})`` when class indices ``y`` are
     given (the two terms of exact ``nce``); ``c`` and ``w`` are numbers (uniform noise) or ``[k]`` tensors. The
     backward ``w_j·σ(z_ij − c_j)``, minus ``σ(c_y − z_y)`` at ``(i, y_i)``, is one sigmoid, in-place scalings and an
-    in-place update of ``m`` entries (see :class:`_BceRows` for why this is one node)."""
+    in-place update of ``m`` entries (see :class:`_BceRows` for why this is one node). With numbers ``c`` and ``w``
+    on a float32 CPU tensor, the fused kernels of :mod:`._fused` shift, sum and differentiate in one pass each, and
+    no shifted ``[m, k]`` copy is kept for the backward."""
 
     @staticmethod
     def forward(ctx, z: Tensor, c: Tensor | float, w: Tensor | float,  # type: ignore[override]
