@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 from logitsep.losses import _fused, binary_cross_entropy, nce
 
-SUPPORTED = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64") and bool(
-    os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-needs_kernel = pytest.mark.skipif(not SUPPORTED, reason="the fused kernels need Linux x86-64 and a C compiler")
+SUPPORTED = (platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+             and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+             and os.environ.get("LOGITSEP_FUSED_KERNELS", "1") != "0")
+needs_kernel = pytest.mark.skipif(not SUPPORTED, reason="the fused kernels need Linux x86-64 and a C compiler "
+                                  "(and are not switched off by LOGITSEP_FUSED_KERNELS=0)")
 
 
 @pytest.fixture
@@ -45,6 +47,7 @@ def test_kernel_builds_once_into_the_cache_and_loads(fresh_state) -> None:
 
 
 def test_a_failed_build_warns_falls_back_and_leaves_nothing(fresh_state, monkeypatch) -> None:
+    monkeypatch.delenv("LOGITSEP_FUSED_KERNELS", raising=False)
     monkeypatch.setenv("CC", "/bin/false")
     monkeypatch.setattr(_fused.platform, "system", lambda: "Linux")
     monkeypatch.setattr(_fused.platform, "machine", lambda: "x86_64")
@@ -181,3 +184,14 @@ def test_a_forked_child_computes_with_its_own_threads(gen: torch.Generator) -> N
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got, expected)
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_the_temp_directory(monkeypatch, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(_fused, "_STATE", {})
+    monkeypatch.setenv("LOGITSEP_CACHE", str(blocker))  # cache_dir() would be blocker/kernels: cannot exist
+    monkeypatch.setattr(_fused.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert _fused.library() is not None
+    assert len(list(tmp_path.glob("logitsep-kernels-*/softplus-*.so"))) == 1

@@ -8,7 +8,8 @@ vector ``expf`` and a branch-free series for ``log1p`` on ``[0, 1]`` (127 µs); 
 is one pass as well.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``), for this CPU
-(``-march=native``), into ``$LOGITSEP_CACHE`` (default ``~/.cache/logitsep``)``/kernels``, under a name that hashes
+(``-march=native``), into ``$LOGITSEP_CACHE`` (default ``~/.cache/logitsep``)``/kernels`` (the temporary directory
+where that cannot be created), under a name that hashes
 the source, the flags, the compiler and the CPU's model and flags, and written to a temporary file renamed into
 place; then loaded with :mod:`ctypes` and checked once against torch on a sample. Everything else (another
 platform, no compiler, a failed build or check, ``LOGITSEP_FUSED_KERNELS=0``, float64, a GPU) uses the eager path,
@@ -70,7 +71,14 @@ def _build(compiler: str) -> Path:
     target = folder / f"softplus-{key}.so"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some CI runners, containers): this user's folder in the temp directory
+        folder = Path(tempfile.gettempdir()) / f"logitsep-kernels-{os.getuid()}"
+        target = folder / target.name
+        if target.exists():
+            return target
+        folder.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".softplus-", suffix=".so")
     os.close(fd)
     try:
