@@ -235,7 +235,10 @@ def test_reusable_runs_skips_other_settings_and_corrupt_files(tmp_path):
     np.save(tmp_path / "scores" / "ce.npy", scores)
     (tmp_path / "table1.json").write_text(json.dumps([row]))
     logs: list[str] = []
+    # a row written before weight decay was recorded was made without it
+    settings = {**settings, "weight_decay": 0.0}
     assert set(reusable_runs(tmp_path, settings, ["ce"], target, log=logs.append)) == {"ce"}
+    assert reusable_runs(tmp_path, {**settings, "weight_decay": 5e-4}, ["ce"], target, log=logs.append) == {}
     assert reusable_runs(tmp_path, {**settings, "steps": 31}, ["ce"], target, log=logs.append) == {}
     assert reusable_runs(tmp_path, settings, ["bce"], target, log=logs.append) == {}
     assert reusable_runs(tmp_path, settings, ["ce"], target[::-1].copy(), log=logs.append) == {}
@@ -255,6 +258,57 @@ def test_reproduce_command_round_trips_through_the_parser():
                        "--lrs 1,0.1,0.01,0.001 --batch-size 128 --seed 0 --out results/fashion-mnist")
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.table, args.dataset, args.out) == ("table2", "fashion_mnist", "results/fashion-mnist")
+
+
+def test_reproduce_command_names_weight_decay_and_jobs_only_when_set():
+    settings = {"dataset": "mnist", "model": "mlp", "steps": 100, "lr_grid": [0.1], "batch_size": 128, "seed": 1,
+                "weight_decay": 5e-4}
+    command = reproduce_command("table1", settings, ["ce"], "out", jobs=2)
+    assert "--seed 1 --weight-decay 0.0005 --jobs 2 --out out" in command
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.weight_decay, args.jobs) == (5e-4, 2)
+    plain = reproduce_command("table1", {**settings, "weight_decay": 0.0}, ["ce"], "out")
+    assert "--weight-decay" not in plain and "--jobs" not in plain
+
+
+@pytest.mark.slow
+def test_grid_in_worker_processes_equals_the_grid_in_one_process():
+    torch = pytest.importorskip("torch")
+    from logitsep.data import load_dataset
+    from logitsep.experiments import run_losses
+
+    data = load_dataset("digits")
+    kwargs = {"dataset": "digits", "losses": ["ce", "batch_ce"], "steps": 15, "lrs": [0.1, 0.01], "data": data,
+              "log": lambda s: None, "weight_decay": 1e-3}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # each of the two workers then gets one thread, like the single process below
+    try:
+        scores_pool: dict = {}
+        pooled = run_losses(**kwargs, test_scores=scores_pool, jobs=2)
+        torch.set_num_threads(1)
+        scores_one: dict = {}
+        single = run_losses(**kwargs, test_scores=scores_one, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["loss"] for r in pooled] == ["ce", "batch_ce"]
+    for a, b in zip(pooled, single, strict=True):
+        assert a["lr"] == b["lr"] and a["weight_decay"] == b["weight_decay"] == 1e-3
+        assert a["valid_accuracy"] == b["valid_accuracy"]
+        for key in ROW_KEYS:
+            assert a[key] == pytest.approx(b[key], abs=1e-9)
+        np.testing.assert_allclose(scores_pool[a["loss"]], scores_one[a["loss"]], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        run_losses(**kwargs, jobs=0)
+
+
+def test_reproduce_refuses_bad_weight_decay_and_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table1", *ARGS, "--weight-decay", "-1", "--out", str(tmp_path)])
+    assert "--weight-decay must be a non-negative number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table2", *ARGS, "--jobs", "0", "--out", str(tmp_path)])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_reproduce_refuses_unknown_losses_and_bad_rates(tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -137,8 +138,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     losses = _loss_list(args.parser, args.losses, default)
     lrs = _float_list(args.parser, args.lrs)
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        args.parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
+    if args.jobs < 1:
+        args.parser.error(f"--jobs must be >= 1, got {args.jobs}")
     common = {"dataset": args.dataset, "losses": losses, "steps": args.steps, "lrs": lrs,
-              "batch_size": args.batch_size, "model": args.model, "seed": args.seed, "log": log}
+              "batch_size": args.batch_size, "model": args.model, "seed": args.seed, "log": log,
+              "weight_decay": args.weight_decay, "jobs": args.jobs}
     if args.table in ("table1", "table2"):
         rows, paths = (ex.reproduce_table1 if args.table == "table1" else ex.reproduce_table2)(args.out, **common)
         if args.json:
@@ -152,13 +158,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']} and the figures in {args.out}")
         return 0
     settings = {"dataset": args.dataset, "model": args.model, "steps": args.steps, "lrs": lrs,
-                "batch_size": args.batch_size, "seed": args.seed, "optimizer": "SGD momentum 0.9, cosine decay"}
+                "batch_size": args.batch_size, "seed": args.seed,
+                "optimizer": f"SGD momentum 0.9, cosine decay, weight decay {args.weight_decay:g}"}
     from .data import load_dataset
 
     data = load_dataset(args.dataset)
     scores: dict[str, Any] = {}
     rows = ex.run_losses(args.dataset, losses, args.steps, lrs, batch_size=args.batch_size, model=args.model,
-                         seed=args.seed, log=log, data=data, test_scores=scores)
+                         seed=args.seed, log=log, data=data, test_scores=scores, weight_decay=args.weight_decay,
+                         jobs=args.jobs)
     verdicts = ex.measured_alignment(rows)
     title = f"Measured logit separation of every registered loss on {args.dataset}"
     paths = ex.write_report(args.out, args.table, rows, title, settings, verdicts, test_scores=scores,
@@ -369,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default="1,0.1,0.01,0.001", help="learning-rate grid, chosen by validation accuracy")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="SGD weight decay of every run (default 0; the paper states none)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many runs of the grid at once, in worker processes that share --threads "
+                        "(default 1)")
     p.add_argument("--out", required=True)
 
     p = add("summarize", "mean and spread over seeds of several `reproduce table2` runs", cmd_summarize)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._io import atomic_write, write_csv, write_json, write_text
 from .bench._common import command_line, environment
@@ -37,7 +40,9 @@ from .train import TrainConfig, predict, softmax_scale, train
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
 ROW_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_auroc", "accuracy")
 #: What defines a run of the grid; stored in every row, so that table2 can tell whether table1's runs are its own.
-SETTING_KEYS = ("dataset", "model", "steps", "lr_grid", "batch_size", "seed", "train_split")
+SETTING_KEYS = ("dataset", "model", "steps", "lr_grid", "batch_size", "seed", "train_split", "weight_decay")
+#: The value a setting had before it was recorded (rows written without it were made with it).
+SETTING_DEFAULTS: dict[str, Any] = {"weight_decay": 0.0}
 
 # The paper's numbers, 1 − metric as printed (Keren, Sabato & Schuller, ICDM 2018; 10^5 steps): Table I, MNIST,
 # (1−AUPRC, 1−P@0.9, 1−P@0.99), and its mean relative improvement row. The binary-CE row is garbled in the
@@ -59,32 +64,41 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float]]] = {
 def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float], batch_size: int = 128,
                model: str = "mlp", seed: int = 0, data: Splits | None = None, train_split: str = "train",
                progress: bool | None = None, log: Callable[[str], None] = print,
-               test_scores: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+               test_scores: dict[str, np.ndarray] | None = None, weight_decay: float = 0.0,
+               jobs: int = 1) -> list[dict[str, Any]]:
     """Train every loss at every learning rate; keep, per loss, the run with the best validation accuracy
     (when there is a single rate, no validation is needed) and return its test metrics as one row.
-    ``test_scores``, when given, receives each kept model's test scores ``[n, k]`` under the loss name."""
+    ``test_scores``, when given, receives each kept model's test scores ``[n, k]`` under the loss name.
+
+    ``jobs`` > 1 trains that many (loss, rate) runs at once in worker processes, each with
+    ``torch.get_num_threads() // jobs`` threads (at least 1); the rows are those of ``jobs=1`` up to the
+    last bits of float arithmetic when the thread counts differ."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     data = data if data is not None else load_dataset(dataset)
     select = len(lrs) > 1
+    splits = ("valid", "test") if select else ("test",)
+    configs = [TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
+                           seed=seed, train_split=train_split, weight_decay=weight_decay).validate()
+               for loss in losses for lr in lrs]
+    outcomes = _train_grid(configs, data, splits, progress, jobs)
     rows = []
     for loss in losses:
         best: dict[str, Any] | None = None
-        for lr in lrs:
-            config = TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
-                                 seed=seed, train_split=train_split)
-            splits = ("valid", "test") if select else ("test",)
-            try:
-                trained, result = train(config, data=data, progress=progress, eval_splits=splits)
-            except FloatingPointError as err:  # a diverging learning rate is a legitimate outcome of the grid
-                log(f"  {loss} lr={lr}: diverged ({err})")
+        for config in (c for c in configs if c.loss == loss):
+            outcome = next(outcomes)
+            if isinstance(outcome, FloatingPointError):  # a diverging rate is a legitimate outcome of the grid
+                log(f"  {loss} lr={config.lr}: diverged ({outcome})")
                 continue
+            result, scores = outcome
             valid_acc = result["valid"]["accuracy"] if select else math.nan
             valid = f"valid acc={valid_acc:.4f}  " if select else ""
-            log(f"  {loss:>18} lr={lr:<6g} {valid}test acc={result['test']['accuracy']:.4f}  "
+            log(f"  {loss:>18} lr={config.lr:<6g} {valid}test acc={result['test']['accuracy']:.4f}  "
                 f"({result['train_seconds']:.0f}s)")
             if best is None or (select and valid_acc > best["valid_accuracy"]):
-                best = {"result": result, "lr": lr, "valid_accuracy": valid_acc}
+                best = {"result": result, "lr": config.lr, "valid_accuracy": valid_acc}
                 if test_scores is not None:
-                    test_scores[loss] = predict(trained, data.test_x).numpy()
+                    test_scores[loss] = scores
         if best is None:
             raise FloatingPointError(f"{loss}: every learning rate in {list(lrs)} diverged")
         test = best["result"]["test"]
@@ -95,15 +109,62 @@ def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[fl
                      "all_logits": {k: test["all_logits"][k] for k in ROW_KEYS},
                      "softmax_scale": softmax_scale(config),
                      "train_seconds": best["result"]["train_seconds"],
-                     **run_settings(dataset, model, steps, lrs, batch_size, seed, train_split)})
+                     **run_settings(dataset, model, steps, lrs, batch_size, seed, train_split, weight_decay)})
     return rows
 
 
+Outcome = tuple[dict[str, Any], np.ndarray] | FloatingPointError
+
+
+def _train_one(config: TrainConfig, data: Splits, splits: tuple[str, ...], progress: bool | None) -> Outcome:
+    """One run of the grid: its metrics and its test scores, or the FloatingPointError of a diverging rate."""
+    try:
+        trained, result = train(config, data=data, progress=progress, eval_splits=splits)
+    except FloatingPointError as err:
+        return err
+    return result, predict(trained, data.test_x).numpy()
+
+
+_WORKER_DATA: Splits | None = None
+
+
+def _worker_init(data: Splits, threads: int) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    torch.set_num_threads(threads)
+
+
+def _worker_run(config: TrainConfig, splits: tuple[str, ...]) -> Outcome:
+    assert _WORKER_DATA is not None, "worker used before its initializer ran"
+    return _train_one(config, _WORKER_DATA, splits, progress=False)
+
+
+def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str, ...], progress: bool | None,
+                jobs: int) -> Iterator[Outcome]:
+    """The outcomes of ``configs``, in order: one after the other here, or ``jobs`` at a time in fresh
+    ("spawn") processes that each get the data once."""
+    if jobs == 1 or len(configs) == 1:
+        yield from (_train_one(c, data, splits, progress) for c in configs)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context, initializer=_worker_init,
+                             initargs=(data, threads)) as pool:
+        futures = [pool.submit(_worker_run, c, splits) for c in configs]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
 def run_settings(dataset: str, model: str, steps: int, lrs: Sequence[float], batch_size: int, seed: int,
-                 train_split: str = "train") -> dict[str, Any]:
+                 train_split: str = "train", weight_decay: float = 0.0) -> dict[str, Any]:
     """The ``SETTING_KEYS`` of a grid of runs, JSON-ready."""
     return {"dataset": dataset, "model": model, "steps": int(steps), "lr_grid": [float(x) for x in lrs],
-            "batch_size": int(batch_size), "seed": int(seed), "train_split": train_split}
+            "batch_size": int(batch_size), "seed": int(seed), "train_split": train_split,
+            "weight_decay": float(weight_decay)}
 
 
 def measured_alignment(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -180,12 +241,19 @@ def write_report(out: str | Path, name: str, rows: list[dict[str, Any]], title: 
 # logitsep reproduce table1 | table2
 # ----------------------------------------------------------------------------------------------------------
 
-def reproduce_command(table: str, settings: Mapping[str, Any], losses: Sequence[str], out: str | Path) -> str:
-    """The ``logitsep reproduce`` command line that makes these files again, every setting spelled out."""
+def reproduce_command(table: str, settings: Mapping[str, Any], losses: Sequence[str], out: str | Path,
+                      jobs: int = 1) -> str:
+    """The ``logitsep reproduce`` command line that makes these files again, every setting spelled out
+    (``--weight-decay`` and ``--jobs`` only when they are not their defaults)."""
     parts = ["logitsep", "reproduce", table, "--dataset", settings["dataset"], "--model", settings["model"],
              "--losses", ",".join(losses), "--steps", str(settings["steps"]),
              "--lrs", ",".join(f"{x:g}" for x in settings["lr_grid"]), "--batch-size", str(settings["batch_size"]),
-             "--seed", str(settings["seed"]), "--out", str(out)]
+             "--seed", str(settings["seed"])]
+    if settings.get("weight_decay", 0.0):
+        parts += ["--weight-decay", f"{settings['weight_decay']:g}"]
+    if jobs > 1:
+        parts += ["--jobs", str(jobs)]
+    parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -222,7 +290,8 @@ def _how_made(command: str, settings: Mapping[str, Any], rows: Sequence[Mapping[
     return ["## How this was made", "",
             f"- Command: `{command}`",
             f"- Model: {settings['model']}{_MODEL_WORDS.get(settings['model'], '')}, trained on the "
-            f"{settings['train_split']} split with SGD (momentum 0.9, cosine decay), batch {settings['batch_size']}, "
+            f"{settings['train_split']} split with SGD (momentum 0.9, cosine decay, weight decay "
+            f"{settings.get('weight_decay', 0.0):g}), batch {settings['batch_size']}, "
             f"seed {settings['seed']}.",
             f"- Steps: {settings['steps']} per run (the paper trains 10^5).",
             f"- Learning-rate grid: {grid}; the rate of each loss is chosen by validation classification accuracy "
@@ -277,15 +346,15 @@ def write_table1(out: str | Path, rows: list[dict[str, Any]], scores: Mapping[st
 
 def reproduce_table1(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
                      batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
-                     progress: bool | None = None, log: Callable[[str], None] = print
-                     ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+                     progress: bool | None = None, log: Callable[[str], None] = print, weight_decay: float = 0.0,
+                     jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Paper Table I: train every loss over the learning-rate grid (:func:`run_losses`) and write
     :func:`write_table1`'s files into ``out``. Returns the rows and the paths written."""
     data = data if data is not None else load_dataset(dataset)
     scores: dict[str, np.ndarray] = {}
     rows = run_losses(dataset, losses, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
-                      progress=progress, log=log, test_scores=scores)
-    command = reproduce_command("table1", rows[0], losses, out)
+                      progress=progress, log=log, test_scores=scores, weight_decay=weight_decay, jobs=jobs)
+    command = reproduce_command("table1", rows[0], losses, out, jobs=jobs)
     return rows, write_table1(out, rows, scores, data.test_y.numpy(), command)
 
 
@@ -309,7 +378,7 @@ def reusable_runs(out: str | Path, settings: Mapping[str, Any], losses: Sequence
     found: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
     for row in rows:
         loss = row.get("loss") if isinstance(row, dict) else None
-        if loss not in losses or any(row.get(k) != settings[k] for k in SETTING_KEYS):
+        if loss not in losses or any(row.get(k, SETTING_DEFAULTS.get(k)) != settings[k] for k in SETTING_KEYS):
             continue
         try:
             s = np.load(out / "scores" / f"{loss}.npy", allow_pickle=False)
@@ -345,15 +414,15 @@ def table2_summary(per_loss: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 def reproduce_table2(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
                      batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
-                     progress: bool | None = None, log: Callable[[str], None] = print
-                     ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+                     progress: bool | None = None, log: Callable[[str], None] = print, weight_decay: float = 0.0,
+                     jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Paper Table II: each loss's single logit (SLC) against the softmax of all its logits, on the test set.
     Reuses ``out``'s table1 runs made with the same settings (:func:`reusable_runs`), trains the others. Writes
     ``table2.json`` (rows: the paper-layout rows, then one row per loss and scoring), ``table2.csv``,
     ``table2.md`` and ``table2.png``. Returns the JSON rows and the paths."""
     data = data if data is not None else load_dataset(dataset)
     target = data.test_y.numpy()
-    settings = run_settings(dataset, model, steps, lrs, batch_size, seed)
+    settings = run_settings(dataset, model, steps, lrs, batch_size, seed, weight_decay=weight_decay)
     runs = reusable_runs(out, settings, losses, target, log=log)
     missing = [loss for loss in losses if loss not in runs]
     if runs:
@@ -361,7 +430,7 @@ def reproduce_table2(out: str | Path, dataset: str, losses: Sequence[str], steps
     if missing:
         scores: dict[str, np.ndarray] = {}
         for row in run_losses(dataset, missing, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
-                              progress=progress, log=log, test_scores=scores):
+                              progress=progress, log=log, test_scores=scores, weight_decay=weight_decay, jobs=jobs):
             runs[row["loss"]] = (row, scores[row["loss"]])
     per_loss = []
     for loss in losses:
@@ -383,7 +452,7 @@ def reproduce_table2(out: str | Path, dataset: str, losses: Sequence[str], steps
              "csv": write_csv(out / "table2.csv", [_flat(r) for r in json_rows])}
     title = f"SLC vs all logits on {dataset} (paper Table II protocol)"
     paths["png"] = comparison_plot(per_loss, out / "table2.png", title)
-    command = reproduce_command("table2", settings, losses, out)
+    command = reproduce_command("table2", settings, losses, out, jobs=jobs)
     lines = [f"# {title}", "", table2_markdown(summary, per_loss, PAPER_TABLE2.get(dataset)), ""]
     by_method = {r["method"]: r for r in summary}
     if "batch CE (SLC)" in by_method and "CE with all logits" in by_method:

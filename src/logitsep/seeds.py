@@ -24,7 +24,8 @@ from ._io import write_csv, write_json, write_text
 
 METRICS = ("auprc", "precision@0.9", "precision@0.99")
 HEADERS = {"auprc": "1−AUPRC", "precision@0.9": "1−P@0.9", "precision@0.99": "1−P@0.99"}
-SAME = ("dataset", "model", "steps", "batch_size")  # settings every summarised run must share
+SAME = ("dataset", "model", "steps", "batch_size", "weight_decay")  # settings every summarised run must share
+SAME_DEFAULTS = {"weight_decay": 0.0}  # the value of a setting in files written before it was recorded
 DEFAULT_PAIR = (("batch_ce", "single logit"), ("ce", "all logits"))
 
 
@@ -50,7 +51,7 @@ def load_rows(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise ValueError(f"summarize: {path} has no per-loss rows (is it a table2.json?)")
         rows += [{**r, "folder": str(folder)} for r in mine]
     for key in SAME:
-        values = {r[key] for r in rows}
+        values = {r.get(key, SAME_DEFAULTS.get(key)) for r in rows}
         if len(values) > 1:
             try:
                 listed = sorted(values)
@@ -163,7 +164,8 @@ def write_summary(folders: Sequence[str | Path], out: str | Path, command: str,
     summary = summarize(rows)
     comparison = compare(summary, pair)
     out = Path(out)
-    result = {"command": command, "folders": folders, "settings": {k: rows[0][k] for k in SAME},
+    settings = {k: rows[0].get(k, SAME_DEFAULTS.get(k)) for k in SAME}
+    result = {"command": command, "folders": folders, "settings": settings,
               "methods": summary, "comparison": comparison}
     write_json(out / "table2_seeds.json", result)
     write_csv(out / "table2_seeds.csv", [
