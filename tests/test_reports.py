@@ -280,11 +280,14 @@ def test_grid_in_worker_processes_equals_the_grid_in_one_process():
     data = load_dataset("digits")
     kwargs = {"dataset": "digits", "losses": ["ce", "batch_ce"], "steps": 15, "lrs": [0.1, 0.01], "data": data,
               "log": lambda s: None, "weight_decay": 1e-3}
+    labels_view, labels_copy = data.test_y.numpy(), data.test_y.numpy().copy()  # a view taken before, as table2 does
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # each of the two workers then gets one thread, like the single process below
     try:
         scores_pool: dict = {}
         pooled = run_losses(**kwargs, test_scores=scores_pool, jobs=2)
+        # sending the data to the workers leaves the parent's tensors where they were
+        assert not data.test_y.is_shared() and np.array_equal(labels_view, labels_copy)
         torch.set_num_threads(1)
         scores_one: dict = {}
         single = run_losses(**kwargs, test_scores=scores_one, jobs=1)

@@ -7,6 +7,7 @@ report test SLC metrics (Keren, Sabato & Schuller, ICDM 2018, Section VI-A/B, Ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -128,9 +129,9 @@ def _train_one(config: TrainConfig, data: Splits, splits: tuple[str, ...], progr
 _WORKER_DATA: Splits | None = None
 
 
-def _worker_init(data: Splits, threads: int) -> None:
+def _worker_init(arrays: dict[str, Any], threads: int) -> None:
     global _WORKER_DATA
-    _WORKER_DATA = data
+    _WORKER_DATA = Splits(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()})
     torch.set_num_threads(threads)
 
 
@@ -148,8 +149,13 @@ def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str,
         return
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
+    # The data travel as numpy arrays, pickled by value. Tensors would go through torch's multiprocessing
+    # reductions, which move the parent's storages into shared memory and leave every numpy view taken
+    # before (such as table2's test labels) pointing at freed memory.
+    arrays = {f.name: (v.numpy() if isinstance(v := getattr(data, f.name), torch.Tensor) else v)
+              for f in dataclasses.fields(data)}
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context, initializer=_worker_init,
-                             initargs=(data, threads)) as pool:
+                             initargs=(arrays, threads)) as pool:
         futures = [pool.submit(_worker_run, c, splits) for c in configs]
         try:
             for future in futures:
