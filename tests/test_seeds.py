@@ -101,6 +101,13 @@ def test_bad_input_is_named_and_writes_nothing(runs: list[Path], tmp_path: Path,
     other = write_run(tmp_path / "other", [per_loss_row("ce", "all logits", 7, (0.9, 0.9, 0.9), steps=5)])
     with pytest.raises(ValueError, match=r"differ in steps \(\[5, 100\]\)"):
         seeds.load_rows([*runs, other])
+    # rows without weight_decay were written before it was recorded: they ran without it
+    decayed = write_run(tmp_path / "decayed", [per_loss_row("ce", "all logits", 8, (0.9, 0.9, 0.9),
+                                                            weight_decay=5e-4)])
+    with pytest.raises(ValueError, match=r"differ in weight_decay \(\[0.0, 0.0005\]\)"):
+        seeds.load_rows([*runs, decayed])
+    plain = write_run(tmp_path / "plain", [per_loss_row("ce", "all logits", 9, (0.9, 0.9, 0.9), weight_decay=0.0)])
+    assert len(seeds.load_rows([*runs, plain])) == 7  # 6 rows in runs, 1 here
     with pytest.raises(ValueError, match="seed 0, appears in both"):
         seeds.load_rows([runs[0], runs[0]])
     broken = tmp_path / "broken"
