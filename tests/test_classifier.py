@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -152,20 +153,21 @@ def test_thresholds_json_round_trip_and_corrupt_files(tmp_path) -> None:
     back = Thresholds.load(path)
     assert back == th
     assert json.loads(path.read_text())["classes"][2]["name"] == "c"
-    bad_files = {
-        "truncated": path.read_text()[:50],
-        "not JSON": "\x00\x01",
-        "wrong format": json.dumps({"format": "other"}),
-        "no classes": json.dumps({**th.to_dict(), "classes": []}),
-        "NaN threshold": json.dumps({**th.to_dict(), "global": {"threshold": float("nan")}}),
-        "bad class entry": json.dumps({**th.to_dict(), "classes": [{"class": 1, "threshold": 0.0}]}),
-        "bad target": json.dumps({**th.to_dict(), "target": {"metric": "f1"}}),
+    bad_files = {  # the file's text -> the problem the message must name
+        path.read_text()[:50]: "corrupt JSON",
+        "\x00\x01": "corrupt JSON",
+        json.dumps({"format": "other"}): 'expected a JSON object with "format"',
+        json.dumps({**th.to_dict(), "version": 2}): "unsupported version 2",
+        json.dumps({**th.to_dict(), "classes": []}): "classes must be a non-empty list",
+        json.dumps({**th.to_dict(), "global": {"threshold": float("nan")}}): "global.threshold must be a finite",
+        json.dumps({**th.to_dict(), "classes": [{"class": 1, "threshold": 0.0}]}): r"classes\[0\] must be an object",
+        json.dumps({**th.to_dict(), "target": {"metric": "f1"}}): "target must be an object with metric",
+        json.dumps({**th.to_dict(), "model": {"step": 3}}): "model must be null or an object with a sha256",
     }
-    for what, text in bad_files.items():
+    for text, problem in bad_files.items():
         (tmp_path / "bad.json").write_text(text)
-        with pytest.raises(ValueError, match="bad.json: not a valid thresholds file"):
+        with pytest.raises(ValueError, match=f"bad.json: not a valid thresholds file \\(.*{problem}"):
             Thresholds.load(tmp_path / "bad.json")
-        assert what
     with pytest.raises(FileNotFoundError, match="no thresholds file"):
         Thresholds.load(tmp_path / "missing.json")
 
@@ -501,7 +503,7 @@ def test_failing_commands_leave_the_run_folder_unchanged(run, tmp_path, capsys) 
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert pytest.importorskip("re").search(message, err), (argv, err)
+        assert re.search(message, err), (argv, err)
         assert snapshot(run) == before, argv
     # a corrupt thresholds.json: query refuses it and leaves it as it is; calibrate replaces it
     (run / "thresholds.json").write_text("{corrupt")

@@ -452,6 +452,23 @@ def test_rounding_beyond_one_is_clamped() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_cosines_beyond_one_are_clamped_with_value_checks_off(name) -> None:
+    """With the value checks off nothing is refused, but every cosine loss still clamps into [−1, 1]: the value
+    is that of the clamped cosines, never NaN from acos or a margin past π."""
+    from logitsep.losses import value_checks
+
+    y = torch.tensor([0, 1])
+    c = torch.tensor([[1.5, -0.2], [0.3, -3.0]])
+    kwargs = {"generator": seeded()} if name == "elasticface" else {}
+    want = get_loss(name, **kwargs)(c.clamp(-1, 1), y)
+    with value_checks(False):
+        kwargs = {"generator": seeded()} if name == "elasticface" else {}
+        got = get_loss(name, **kwargs)(c, y)
+    assert bool(torch.isfinite(got))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_bad_shapes_dtypes_and_targets(name) -> None:
     fn = get_loss(name)
     y = torch.tensor([0, 1])

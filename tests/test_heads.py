@@ -153,7 +153,9 @@ def test_training_with_a_margin_loss_separates_classes() -> None:
         opt.step()
     assert loss.item() < 0.5 * first
     assert float((head.logits(x, torch.arange(4)).argmax(1) == y).float().mean()) > 0.9
-    assert torch.equal(head.score(x, y), head.score(x, y))
+    # one logit per example is the scaled cosine of the example with its class row (row-by-row float64 reference)
+    ref = ref_cosines(x, head.weight.detach())[torch.arange(len(y)), y]
+    torch.testing.assert_close(head.score(x, y).double(), 16.0 * ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments() -> None:
@@ -408,6 +410,11 @@ def test_zscore_cache_follows_the_weights(gen) -> None:
     # load_state_dict
     head.load_state_dict(linear(d=6, k=30, seed=7).state_dict())
     check()
+    # an in-place edit of the weight only (the bias unchanged)
+    with torch.no_grad():
+        head.weight[2].mul_(3.0)
+    check()
+    assert len(calls) == 3
     # an in-place edit of the bias only
     with torch.no_grad():
         head.bias[3] += 5.0
@@ -417,7 +424,7 @@ def test_zscore_cache_follows_the_weights(gen) -> None:
     check()
     head.double()
     check()
-    assert len(calls) == 5
+    assert len(calls) == 6
     # edits through .data are invisible to the version counters: refresh() is the documented way
     head.weight.data.mul_(2.0)
     head.refresh()

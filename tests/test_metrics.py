@@ -458,3 +458,18 @@ def test_benchmark_runs_small(tmp_path) -> None:
         assert (tmp_path / f"speed{suffix}").stat().st_size > 0
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["rows"] and "environment" in saved
+
+
+def test_one_minus_converts_nested_per_class_values() -> None:
+    """Nested mappings (``per_class``, ``all_logits``) are converted entry by entry: arrays, lists and numbers
+    whose 1 − value differs from the value (0.5 would hide a missing conversion)."""
+    row = {"auprc": 0.75, "all_logits": {"auprc": 0.9, "precision@0.99": 0.2, "lr": 0.1},
+           "per_class": {"auprc": np.array([0.25, 0.875, np.nan]), "precision@0.9": [0.125, 1.0],
+                         "num_positives": np.array([3, 4, 0])}}
+    out = one_minus(row)
+    assert out["auprc"] == 0.25
+    assert out["all_logits"] == {"auprc": pytest.approx(0.1), "precision@0.99": pytest.approx(0.8), "lr": 0.1}
+    np.testing.assert_array_equal(out["per_class"]["auprc"], [0.75, 0.125, np.nan])
+    np.testing.assert_array_equal(out["per_class"]["precision@0.9"], [0.875, 0.0])
+    np.testing.assert_array_equal(out["per_class"]["num_positives"], [3, 4, 0])  # counts are not metrics
+    np.testing.assert_array_equal(row["per_class"]["auprc"], [0.25, 0.875, np.nan])  # input untouched

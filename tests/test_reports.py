@@ -50,7 +50,7 @@ def _hand_improvement(rows: list[dict], key: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 def test_pr_curve_matches_sklearn_with_ties():
-    sk = pytest.importorskip("sklearn.metrics")
+    import sklearn.metrics as sk
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 40, 500).astype(np.float64)  # many ties
     positive = rng.random(500) < 0.3
@@ -273,7 +273,8 @@ def test_reproduce_command_names_weight_decay_and_jobs_only_when_set():
 
 @pytest.mark.slow
 def test_grid_in_worker_processes_equals_the_grid_in_one_process():
-    torch = pytest.importorskip("torch")
+    import torch
+
     from logitsep.data import load_dataset
     from logitsep.experiments import run_losses
 

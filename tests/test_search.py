@@ -686,3 +686,165 @@ def test_index_refuses_a_checkpoint_that_does_not_match(digits_run: Path, tmp_pa
     capsys.readouterr()
     with pytest.raises(ValueError, match="different model head"):
         ClassSearch.from_run(other, tmp_path / "good")
+
+
+# ------------------------------------------------------------------- regressions found by planted bugs
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fsynced files")
+def test_append_fsyncs_the_rows_before_the_header_commit(tmp_path: Path, gen: torch.Generator,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability order of an append: the rows reach the disk (fsync of vectors.f32) before the rename that
+    commits the new header, and the folder is fsynced after it (so the rename itself is durable)."""
+    index = EmbeddingIndex.create(tmp_path / "ix", 3)
+    folder = str((tmp_path / "ix").resolve())
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", _fd_path(fd)))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(Path(dst).resolve())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    index.append(torch.randn(5, 3, generator=gen))
+    monkeypatch.undo()
+    commit = events.index(("replace", f"{folder}/{HEADER}"))
+    assert ("fsync", f"{folder}/{DATA}") in events[:commit], events
+    assert ("fsync", folder) in events[commit + 1:], events
+    assert EmbeddingIndex.open(tmp_path / "ix").vectors.shape == (5, 3)
+
+
+def test_failure_after_the_header_rename_keeps_the_committed_rows(tmp_path: Path, gen: torch.Generator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header rename is the commit: if the folder's fsync after it fails, the append reports the error but
+    the rows it committed stay (cutting them off would leave a header counting rows the data file lacks)."""
+    first, later = torch.randn(3, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    index = EmbeddingIndex.create(tmp_path / "ix", 4)
+    index.append(first)
+    folder = (tmp_path / "ix").resolve()
+    real_fsync, real_replace = os.fsync, os.replace
+    renamed = []
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+
+    def fsync(fd: int) -> None:
+        if renamed and Path(_fd_path(fd)) == folder:
+            raise OSError("EIO while syncing the folder")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="EIO"):
+        index.append(later)
+    monkeypatch.undo()
+    assert renamed == [HEADER]  # the failure came after the commit
+    assert len(index) == 5
+    reopened = EmbeddingIndex.open(tmp_path / "ix")
+    torch.testing.assert_close(reopened.vectors, torch.cat([first, later]))
+
+
+def _one_way_rows(dim: int, n_low: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and a query whose every entry is just below a float16 rounding midpoint: each rounds *down* by
+    almost half a float16 step, so the float16 score of a full row errs by about 2·u16 of the score, all in one
+    direction (random data makes errors of both signs that cancel). Half the rows are such, half are zero."""
+    x = 1 + 2.0 ** -11 - 2.0 ** -20  # rounds to 1.0 in float16
+    rows = torch.zeros(2 * n_low, dim)
+    rows[::2] = x
+    return rows, torch.full((dim,), x)
+
+
+def test_screen_margin_covers_roundings_that_all_go_one_way() -> None:
+    if not search_mod._fp16_mv_accumulates_in_fp32():
+        pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
+    for dim in (4, 64, 1024):
+        rows, query = _one_way_rows(dim, 1)
+        exact = float(rows[0].double() @ query.double())
+        s16 = float(torch.mv(rows.half(), query.half())[0])
+        margin = search_mod.screen_margin(dim, float(rows[0].double().norm()), float(query.double().norm()))
+        assert exact - s16 > 0.4 * margin  # the data strain the bound: a margin 2.5x smaller would not hold
+        assert abs(exact - s16) <= margin
+
+
+def test_screen_keeps_items_whose_float16_scores_all_round_down(tmp_path: Path) -> None:
+    """End to end: items whose float16 scores fall about 2·u16 below the threshold their float32 scores pass
+    must still be found by the screened search (the same answer as the float32 scan)."""
+    rows, query = _one_way_rows(64, 50)
+    rows = torch.cat([rows, torch.zeros(900, 64)])  # few candidates: the screen answers, it does not step aside
+    with EmbeddingIndex.create(tmp_path / "ix", 64) as index:
+        index.append(rows)
+    threshold = float(rows[0].double() @ query.double()) * (1 - 2.0 ** -16)
+    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
+    found = fast.search(query, threshold=threshold)
+    assert fast._screen is not None and fast._screen.last_candidates >= 0  # the screen answered
+    # (the same set: the screen re-scores its candidates in another summation order, so equal rows may differ
+    # in the last bit of their float32 scores and come out in another order)
+    assert sorted(found.ids.tolist()) == sorted(plain.search(query, threshold=threshold).ids.tolist()) \
+        == list(range(0, 100, 2))
+
+
+def test_screened_threshold_keeps_scores_exactly_at_the_threshold(tmp_path: Path) -> None:
+    """Scores exactly equal to the threshold match (``score >= threshold``) on every search path: the float16
+    screen, the float32 scan, FAISS IVF and the service's score columns. Small integers make every score exact."""
+    from logitsep.serve.service import search_column
+
+    rows = torch.zeros(1000, 4)
+    rows[::50] = 1.0  # 20 items score exactly 4, the rest 0
+    rows[1::50] = torch.tensor([1.0, 1.0, 1.0, 0.0])  # 20 items score 3, just below
+    query = torch.ones(4)
+    with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
+        index.append(rows)
+    want = list(range(0, 1000, 50))
+    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
+    for ix in (fast, plain):
+        assert ix.search(query, threshold=4.0).ids.tolist() == want
+        assert ix.search(query, threshold=4.0, top_k=5).ids.tolist() == want[:5]
+    assert fast._screen.last_candidates >= 0  # the screen answered the threshold query
+    ivf = plain.approximate(nlist=4, nprobe=4)
+    assert ivf.search(query, threshold=4.0).ids.tolist() == want
+    column = (rows @ query).numpy()
+    assert search_column(column, 4.0, None)[0].tolist() == want
+
+
+def _midpoint(binade: int, k: int, above: bool) -> float:
+    """Just above (or below) the k-th rounding midpoint of float16 in [2^binade, 2^(binade+1)): rounds up (down)
+    by almost half a float16 step. Exact in float32."""
+    step = 2.0 ** (binade - 10)
+    return 2.0 ** binade + k * step + step / 2 + (2.0 ** -22 if above else -2.0 ** -22)
+
+
+def test_screened_top_k_survives_errors_of_opposite_signs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-k screen keeps every row whose float16 score is within *twice* the error bound of the k-th best
+    float16 score: the k-th best can be over-estimated by the bound while a true top-k row is under-estimated by
+    it. Checked with the tightest valid bound (the largest actual error on these rows), so that the slack in
+    ``screen_margin`` cannot hide a cut one bound short. Row 0 and the first half of the query round up, row 1
+    and the second half round down: row 1 scores higher in float32, lower in float16, by more than the bound
+    plus a float16 step."""
+    if not search_mod._fp16_mv_accumulates_in_fp32():
+        pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
+    up = [_midpoint(-1, 907, True), _midpoint(-1, 934, True), 0.0, 0.0]
+    down = [0.0, 0.0, _midpoint(-1, 863, False), _midpoint(-1, 959, False)]
+    query = torch.tensor([_midpoint(0, 11, True), _midpoint(0, 21, True), _midpoint(0, 6, False),
+                          _midpoint(0, 36, False)])
+    rows = torch.tensor([up, down] + [[0.0] * 4] * 98)
+    exact = rows.double() @ query.double()
+    s16 = torch.mv(rows.half(), query.half()).double()
+    tight = float((s16 - exact).abs().max())
+    assert exact[1] > exact[0]
+    assert float(s16[1]) < float(search_mod._float16_at_most(float(s16[0]) - tight))  # one bound short loses row 1
+    monkeypatch.setattr(search_mod, "screen_margin", lambda *args: tight)
+    with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
+        index.append(rows)
+    fast = EmbeddingIndex.open(tmp_path / "ix")
+    assert fast.search(query, top_k=1).ids.tolist() == [1]
+    assert fast._screen.last_candidates >= 0  # the screen answered

@@ -23,7 +23,6 @@ import pytest
 import torch
 from PIL import Image
 
-fastapi = pytest.importorskip("fastapi")
 with warnings.catch_warnings():  # recent Starlette prefers httpx2 for its test client; httpx works the same
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
@@ -31,6 +30,8 @@ with warnings.catch_warnings():  # recent Starlette prefers httpx2 for its test 
 from logitsep.classifier import SingleLogitClassifier, calibrate_run  # noqa: E402
 from logitsep.serve.app import create_app  # noqa: E402
 from logitsep.serve.service import (  # noqa: E402
+    MAX_IMAGES,
+    BadInput,
     ScoreCache,
     Service,
     dataset_images,
@@ -357,6 +358,83 @@ def test_token_guards_ingest_only(run_dir: Path, tmp_path: Path, images: np.ndar
         assert c.post("/ingest", json=body, headers={"Authorization": "Bearer s3cret"}).json()["total"] == 2
         assert c.get("/search", params={"class_id": 0, "top_k": 1}).status_code == 200
         assert c.post("/query", json={"class_id": 0, "image": body["images"][0]}).status_code == 200
+        c.app.state.service.close()
+
+
+def test_exactly_max_images_are_accepted(client: TestClient, run_dir: Path, images: np.ndarray) -> None:
+    """The limit is inclusive: a request of exactly ``MAX_IMAGES`` images is served (one more is refused, as
+    ``test_bad_requests_get_a_json_error`` checks), by the schema and by the service alike."""
+    many = np.resize(images, (MAX_IMAGES, *images.shape[1:]))
+    body = pngs(many)
+    service = client.app.state.service
+    assert service.decode([base64.b64decode(t) for t in body]).shape == (MAX_IMAGES, 8, 8)
+    r = client.post("/ingest", json={"images": body})
+    assert r.status_code == 200, r.text
+    assert r.json()["added"] == MAX_IMAGES and client.get("/stats").json()["items"] == MAX_IMAGES
+    with pytest.raises(BadInput, match=f"at most {MAX_IMAGES}"):
+        service.decode([base64.b64decode(body[0])] * (MAX_IMAGES + 1))
+
+
+def test_service_refuses_bool_class_ids(run_dir: Path, tmp_path: Path) -> None:
+    """``True`` is an ``int`` to Python but not a class id."""
+    service = Service(SingleLogitClassifier.from_run(run_dir), tmp_path / "index")
+    for bad in (True, False, 1.0, "1", None):
+        with pytest.raises(BadInput, match="class_id must be an integer"):
+            service.check_class(bad)
+    assert service.check_class(1) == 1
+    service.close()
+
+
+def test_stream_announces_a_score_exactly_at_the_threshold(run_dir: Path, tmp_path: Path) -> None:
+    """``match`` events are sent for scores ``>= threshold``. Items that are unit vectors score exactly one entry
+    of the class vector, so a subscriber whose threshold is that entry sees a score equal to it."""
+    service = Service(SingleLogitClassifier.from_run(run_dir), tmp_path / "index")
+
+    async def scenario() -> list:
+        vector = service.class_vector(3)
+        order = np.argsort(-vector)
+        sub = service.subscribe(3, float(vector[order[1]]))  # the second largest entry
+        items = np.eye(len(vector), dtype=np.float32)[order[:3]]  # scores: largest, second (= threshold), third
+        service.publish(0, items, 3)
+        return [d for k, d in (sub.queue.get_nowait() for _ in range(sub.queue.qsize())) if k == "match"]
+
+    matches = asyncio.run(scenario())
+    assert [m["id"] for m in matches] == [0, 1]
+    service.close()
+
+
+# ------------------------------------------------------------------------------------------------ durability
+
+
+def test_failed_image_write_adds_no_index_rows(run_dir: Path, tmp_path: Path, images: np.ndarray,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images of an ingest are written before the index append that commits them: when writing an image
+    fails, the index is unchanged (no row without its image), and a retry succeeds."""
+    from logitsep.serve import service as service_module
+
+    folder = tmp_path / "index"
+    with make_client(run_dir, folder) as c:
+        c.post("/ingest", json={"images": pngs(images[:3])})
+        writes = []
+        real = service_module.atomic_write
+
+        def failing(path, write):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError("no space left for the image")
+            return real(path, write)
+
+        monkeypatch.setattr(service_module, "atomic_write", failing)
+        r = c.post("/ingest", json={"images": pngs(images[3:6])})
+        assert r.status_code == 500
+        monkeypatch.undo()
+        assert c.get("/stats").json()["items"] == 3
+        assert len(c.app.state.service.index) == 3
+        assert c.post("/ingest", json={"images": pngs(images[3:6])}).json()["ids"] == [3, 4, 5]
+        c.app.state.service.close()
+    with make_client(run_dir, folder) as c:  # after a restart: every row has its image
+        assert c.get("/stats").json()["items"] == 6
+        assert image_files(folder) == [f"{i}.png" for i in range(6)]
         c.app.state.service.close()
 
 

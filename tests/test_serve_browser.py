@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def driver(monkeypatch: pytest.MonkeyPatch):
     _require_browser()
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as ChromeService
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything

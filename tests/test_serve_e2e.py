@@ -18,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-httpx = pytest.importorskip("httpx")
 
 from logitsep.classifier import SingleLogitClassifier, calibrate_run  # noqa: E402
 from logitsep.serve.service import dataset_images, encode_png  # noqa: E402

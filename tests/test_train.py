@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -78,6 +79,33 @@ def test_log_rows_are_window_means(digits, tmp_path):
     assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(rows, rows[1:], strict=False))
     header = (tmp_path / "five" / "log.csv").read_text().splitlines()[0]
     assert header == "step,loss,lr,elapsed_s"
+
+
+def test_cosine_schedule_is_the_formula_at_each_step():
+    """η_s = lr·(1 + cos(π·s/steps))/2 for the 0-based step s (float64 reference written out), lr at step 0, half
+    of it at the middle, 0 at ``steps``; constant stays lr."""
+    config = TrainConfig(steps=8, lr=0.4)
+    expected = [0.4 * (1 + math.cos(math.pi * s / 8)) / 2 for s in range(9)]
+    assert [learning_rate(config, s) for s in range(9)] == pytest.approx(expected, rel=1e-15, abs=1e-15)
+    assert learning_rate(config, 0) == 0.4 and learning_rate(config, 4) == pytest.approx(0.2, rel=1e-15)
+    assert learning_rate(config, 8) == pytest.approx(0.0, abs=1e-16)
+    constant = TrainConfig(steps=8, lr=0.4, schedule="constant")
+    assert {learning_rate(constant, s) for s in range(9)} == {0.4}
+
+
+def test_each_step_uses_the_rate_of_its_own_index(digits, tmp_path, monkeypatch):
+    """The optimizer steps with η_0, η_1, …, η_{steps-1} (read from the optimizer at each step, not from the log)."""
+    used = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    config = TrainConfig(dataset="digits", loss="ce", steps=6, lr=0.3, batch_size=32, seed=1)
+    train(config, data=digits, progress=False, eval_splits=())
+    assert used == pytest.approx([0.3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)], rel=1e-15)
 
 
 class _Stop(Exception):
