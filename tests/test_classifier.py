@@ -12,19 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from logitsep.classifier import (
-    SingleLogitClassifier,
-    Thresholds,
-    calibrate_run,
-    calibrate_scores,
-    inputs_from_images,
-    query,
-    read_images,
-)
+from logitsep.classifier import SingleLogitClassifier, calibrate_run, query
 from logitsep.cli import main
+from logitsep.core.images import inputs_from_images, read_images
 from logitsep.data import load_dataset
 from logitsep.heads import CosineHead
 from logitsep.models import build_model
+from logitsep.thresholds import Thresholds, calibrate_scores
 from logitsep.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -328,10 +322,10 @@ def test_classifier_bad_inputs(run, digits) -> None:
         clf.predict(x, 1, threshold=float("nan"))
     with pytest.raises(ValueError, match=r"\[4\] tensor"):
         clf.score(x, torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"unknown class in \[1, 10\]"):
+    with pytest.raises(ValueError, match=r"unknown class 10: class indices are in \[0, 10\), got range \[1, 10\]"):
         clf.predict(x, torch.tensor([1, 2, 10, 3]), threshold=0.0)
     clf.thresholds = calibrate_scores(np.eye(10, dtype=np.float32), np.arange(10))
-    with pytest.raises(ValueError, match=r"unknown class in \[-1, 3\]"):
+    with pytest.raises(ValueError, match=r"unknown class -1: class indices are in \[0, 10\), got range \[-1, 3\]"):
         clf.predict(x, torch.tensor([1, -1, 2, 3]))
     with pytest.raises(TypeError, match="1-D integer tensor"):
         clf.predict(x, torch.tensor([1.0, 2.0, 3.0, 4.0]))
@@ -349,11 +343,16 @@ def test_broken_run_folders_give_clear_errors(run, digits, tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         SingleLogitClassifier.from_run(empty)
-    # a checkpoint that does not fit the model state.json describes
+    # a checkpoint that does not fit the model model.json describes
     state = json.loads((run / "state.json").read_text())
     mismatched = tmp_path / "mismatched"
     shutil.copytree(run, mismatched)
     (mismatched / "state.json").write_text(json.dumps({**state, "config": {**state["config"], "loss": "arcface"}}))
+    with pytest.raises(ValueError, match=r"state.json and model.json describe different models \(loss 'arcface' in "
+                                         r"state.json, 'batch_ce' in model.json\)"):
+        SingleLogitClassifier.from_run(mismatched, data=digits)
+    spec = json.loads((run / "model.json").read_text())
+    (mismatched / "model.json").write_text(json.dumps({**spec, "loss": "arcface", "head": "cosine"}))
     with pytest.raises(ValueError, match=r"run .*mismatched: model.safetensors does not match.*cosine head.*"
                                          r"Unexpected key.*head.bias"):
         SingleLogitClassifier.from_run(mismatched, data=digits)
@@ -516,6 +515,8 @@ def test_failing_commands_leave_the_run_folder_unchanged(run, tmp_path, capsys) 
     (run / "thresholds.json").unlink()
     state = json.loads((run / "state.json").read_text())
     (run / "state.json").write_text(json.dumps({**state, "config": {**state["config"], "loss": "arcface"}}))
+    spec = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**spec, "loss": "arcface", "head": "cosine"}))
     before = snapshot(run)
     assert main(["calibrate", str(run)]) == 2
     assert "does not match" in capsys.readouterr().err

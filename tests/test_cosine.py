@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from logitsep.losses import LOSSES, get_loss
+from logitsep.losses import LOSSES, get_loss, loss_spec
 from logitsep.losses.cosine import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -89,7 +89,7 @@ def test_registered_with_alignment_not_established() -> None:
         assert name in LOSSES
         assert LOSSES[name].pols_aligned is None
         assert LOSSES[name].name == name
-        assert LOSSES[name].expects_cosines is True
+        assert loss_spec(name).inputs == "cosines" and loss_spec(name).head == "cosine"
     assert isinstance(get_loss("cosface"), CosFaceLoss)
     assert isinstance(get_loss("arcface"), ArcFaceLoss)
     assert isinstance(get_loss("elasticface", variant="cos"), ElasticFaceLoss)

@@ -310,9 +310,9 @@ def test_value_checks_can_be_turned_off_and_only_the_value_checks(monkeypatch):
     """Inside ``value_checks(False)`` no check reads a tensor value (on a GPU each read waits for the device):
     NaN logits, out-of-range classes, non-0/1 targets and cosines beyond [-1, 1] pass the checks; shape, dtype
     and argument checks still raise. The block restores the previous state, also after an exception."""
-    import logitsep.losses._checks as checks
+    import logitsep.core.checks as checks
+    from logitsep.core.checks import check_logits, check_target
     from logitsep.losses import get_loss, value_checks, value_checks_enabled
-    from logitsep.losses._checks import check_logits, check_target
 
     nan_logits = torch.tensor([[0.0, float("nan")], [1.0, 2.0]])
     assert value_checks_enabled()

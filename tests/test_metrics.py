@@ -11,13 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from logitsep.core.ranking import recall_position
 from logitsep.metrics import (
     METRIC_KEYS,
     _per_class,
-    _positions_for_recall,
-    _transpose,
     _use_dense,
     all_logits_scores,
+    contiguous_transpose,
     mean_relative_improvement,
     one_minus,
     per_class_metrics,
@@ -277,7 +277,7 @@ def test_recall_rounding() -> None:
     naive_wrong = 0
     for r in (0.9, 0.99, 0.07, 0.28, 0.55, 1.0, 1 / 3):
         brute = np.array([next(j for j in range(1, q + 1) if j / q >= r) for q in p])
-        np.testing.assert_array_equal(_positions_for_recall(r, p), brute, err_msg=str(r))
+        np.testing.assert_array_equal(recall_position(r, p), brute, err_msg=str(r))
         naive_wrong += int((np.ceil(r * p) != brute).sum())
     assert naive_wrong > 0  # e.g. 0.07 * 100 = 7.000000000000001: ceil gives 8, but 7 / 100 >= 0.07
 
@@ -324,12 +324,12 @@ def test_inputs_are_not_modified() -> None:
     np.testing.assert_array_equal(tensor.numpy(), before)
 
 
-def test_tiled_transpose() -> None:
+def test_tiledcontiguous_transpose() -> None:
     rng = np.random.default_rng(12)
     for shape in [(1, 1), (700, 130), (257, 65), (3, 20_000), (20_000, 2)]:
         x = rng.standard_normal(shape).astype(np.float32)
         for layout in (x, np.asfortranarray(x)):
-            t = _transpose(layout)
+            t = contiguous_transpose(layout)
             assert t.flags.c_contiguous and t.flags.owndata
             np.testing.assert_array_equal(t, x.T)
 

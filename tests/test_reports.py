@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from logitsep.cli import build_parser, main
+from logitsep.core.keys import ROW_KEYS
 from logitsep.experiments import (
     PAPER_IMPROVEMENT,
     PAPER_TABLE1,
     PAPER_TABLE2,
-    ROW_KEYS,
     reproduce_command,
     reusable_runs,
 )
+from logitsep.experiments.report import pr_curve, precision_at_recalls, table1_markdown, table2_markdown
 from logitsep.metrics import slc_metrics
-from logitsep.report import pr_curve, precision_at_recalls, table1_markdown, table2_markdown
 
 LOSSES = ["ce", "batch_ce", "bce"]  # one non-aligned loss, two aligned ones
 ARGS = ["--dataset", "digits", "--losses", ",".join(LOSSES), "--steps", "20", "--lrs", "0.1,0.01"]
@@ -276,11 +276,11 @@ def test_grid_in_worker_processes_equals_the_grid_in_one_process():
     import torch
 
     from logitsep.data import load_dataset
-    from logitsep.experiments import run_losses
+    from logitsep.experiments import Grid, run_losses
 
     data = load_dataset("digits")
-    kwargs = {"dataset": "digits", "losses": ["ce", "batch_ce"], "steps": 15, "lrs": [0.1, 0.01], "data": data,
-              "log": lambda s: None, "weight_decay": 1e-3}
+    grid = Grid(dataset="digits", losses=("ce", "batch_ce"), steps=15, lrs=(0.1, 0.01), weight_decay=1e-3)
+    kwargs = {"grid": grid, "data": data, "log": lambda s: None}
     labels_view, labels_copy = data.test_y.numpy(), data.test_y.numpy().copy()  # a view taken before, as table2 does
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # each of the two workers then gets one thread, like the single process below

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from logitsep import search as search_mod
 from logitsep.heads import CosineHead, LinearHead
 from logitsep.search import (
     DATA,
@@ -23,6 +22,9 @@ from logitsep.search import (
     head_fingerprint,
     item_vectors,
 )
+from logitsep.search import scan as scan_mod
+from logitsep.search import screen as screen_mod
+from logitsep.search import storage as storage_mod
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -88,7 +90,7 @@ def test_vectors_of_a_bias_free_linear_and_a_cosine_head(gen: torch.Generator) -
 
 def test_vector_arguments_are_checked() -> None:
     head = LinearHead(4, 3)
-    with pytest.raises(ValueError, match=r"\[n, 4\]"):
+    with pytest.raises(ValueError, match=r"\[batch, 4\] \(embedding dimension 4\)"):
         item_vectors(head, torch.zeros(2, 5))
     with pytest.raises(TypeError, match="floating"):
         item_vectors(head, torch.zeros(2, 4, dtype=torch.long))
@@ -159,7 +161,7 @@ def test_one_query_product_is_a_float32_dot_product_per_row(gen: torch.Generator
     for n, dim, offset in [(1, 3, 0), (1000, 7, 1), (70_001, 33, 3), (5000, 513, 0)]:
         block = torch.randn(n + offset, dim, generator=gen)[offset:]
         query = torch.randn(dim, generator=gen)
-        got = search_mod._matrix_vector(block, query)
+        got = scan_mod.matrix_vector(block, query)
         assert got.dtype == torch.float32 and got.shape == (n,)
         exact = block.double() @ query.double()
         gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
@@ -192,7 +194,7 @@ def test_float16_cut_keeps_every_score_at_or_above_the_cut(gen: torch.Generator)
     cuts = [*(torch.randn(300, generator=gen) * 300).tolist(), 0.0, -0.0, 1e-9, -1e-9, 0.1, 65504.0, -65504.0,
             1e6, -1e6]
     for cut in cuts:
-        c16 = search_mod._float16_at_most(cut)
+        c16 = screen_mod.float16_at_most(cut)
         assert c16.dtype == torch.float16 and float(c16) <= cut
         kept = set(np.flatnonzero((scores >= c16).numpy()).tolist())
         wanted = set(np.flatnonzero(as32 >= np.float32(cut)).tolist())
@@ -223,7 +225,7 @@ def test_screened_search_equals_a_float64_brute_force(gen: torch.Generator, inde
                                                       threshold: float | None, top_k: int | None) -> None:
     vectors, means = clustered(gen, 3000, 24, 30)
     index = index_of(vectors)
-    monkeypatch.setattr(search_mod, "_scan", lambda *a, **k: pytest.fail("the screen should answer, not _scan"))
+    monkeypatch.setattr(storage_mod, "scan", lambda *a, **k: pytest.fail("the screen should answer, not the scan"))
     results = index.search(means[:3], threshold=threshold, top_k=top_k)
     assert screened(index) == len(vectors)
     for j, result in enumerate(results):
@@ -250,7 +252,7 @@ def test_screen_and_float32_scan_agree_on_every_query_kind(gen: torch.Generator,
 def test_screen_margin_bounds_the_float16_error(gen: torch.Generator) -> None:
     """The bound of ``screen_margin`` holds on data built to strain it: entries of every magnitude from the
     float16 subnormals to 10^4, all of one sign (no cancellation hides the rounding) or mixed, long rows."""
-    if not search_mod._fp16_mv_accumulates_in_fp32():
+    if not screen_mod.fp16_mv_accumulates_in_fp32():
         pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
     worst = 0.0
     for dim in (3, 64, 513, 4096):
@@ -259,11 +261,11 @@ def test_screen_margin_bounds_the_float16_error(gen: torch.Generator) -> None:
             rows = mags * (torch.randn(200, dim, generator=gen).sign() if signed else 1)
             query = 10.0 ** torch.empty(dim).uniform_(-7, 0, generator=gen)
             max_norm = float(rows.double().norm(dim=1).max())
-            query /= max(1.0, 1.02 * max_norm * float(query.double().norm()) / search_mod._F16_SCORE_LIMIT)
-            assert 1.01 * max_norm * float(query.double().norm()) < search_mod._F16_SCORE_LIMIT  # the screen's domain
+            query /= max(1.0, 1.02 * max_norm * float(query.double().norm()) / screen_mod.F16_SCORE_LIMIT)
+            assert 1.01 * max_norm * float(query.double().norm()) < screen_mod.F16_SCORE_LIMIT  # the screen's domain
             exact = rows.double() @ query.double()
             got = torch.mv(rows.half(), query.half()).double()
-            margin = search_mod.screen_margin(dim, max_norm, float(query.double().norm()))
+            margin = screen_mod.screen_margin(dim, max_norm, float(query.double().norm()))
             worst = max(worst, float((got - exact).abs().max()) / margin)
     assert worst <= 1.0, worst
     assert worst > 0.05  # the bound is not vacuous: errors come within a factor of 20 of it
@@ -390,7 +392,7 @@ def test_failed_commit_keeps_the_old_index(tmp_path: Path, gen: torch.Generator,
     def crash(*args, **kwargs):
         raise OSError("disk full while writing the header")
 
-    monkeypatch.setattr(search_mod, "_write_header", crash)
+    monkeypatch.setattr(storage_mod, "_write_header", crash)
     with pytest.raises(OSError, match="disk full"):
         index.append(torch.randn(4, 2, generator=gen))
     monkeypatch.undo()
@@ -626,13 +628,14 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_index_command_matches_the_full_logits(digits_run: Path, tmp_path: Path, capsys) -> None:
     from logitsep.cli import main
     from logitsep.data import load_dataset
-    from logitsep.train import load_run, predict
+    from logitsep.runs import load_run
+    from logitsep.train import predict
 
     out = tmp_path / "digits-index"
     assert main(["index", str(digits_run), "--dataset", "digits", "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 400 and report["dim"] == 501  # the MLP embedding (500) + the bias
-    model, _, _ = load_run(digits_run)
+    model = load_run(digits_run).model
     x, _ = load_dataset("digits").split("test")
     logits = predict(model, x)
     searcher = ClassSearch.from_run(digits_run, out)
@@ -656,6 +659,9 @@ def test_index_command_matches_the_full_logits(digits_run: Path, tmp_path: Path,
     assert "already exists" in capsys.readouterr().err
     assert files_state(out) == before
     assert main(["index", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")]) == 2
+    assert "run folder" in (err := capsys.readouterr().err) and "no-run does not exist" in err
+    (tmp_path / "empty-run").mkdir()
+    assert main(["index", str(tmp_path / "empty-run"), "--out", str(tmp_path / "x")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -765,13 +771,13 @@ def _one_way_rows(dim: int, n_low: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_screen_margin_covers_roundings_that_all_go_one_way() -> None:
-    if not search_mod._fp16_mv_accumulates_in_fp32():
+    if not screen_mod.fp16_mv_accumulates_in_fp32():
         pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
     for dim in (4, 64, 1024):
         rows, query = _one_way_rows(dim, 1)
         exact = float(rows[0].double() @ query.double())
         s16 = float(torch.mv(rows.half(), query.half())[0])
-        margin = search_mod.screen_margin(dim, float(rows[0].double().norm()), float(query.double().norm()))
+        margin = screen_mod.screen_margin(dim, float(rows[0].double().norm()), float(query.double().norm()))
         assert exact - s16 > 0.4 * margin  # the data strain the bound: a margin 2.5x smaller would not hold
         assert abs(exact - s16) <= margin
 
@@ -796,7 +802,7 @@ def test_screen_keeps_items_whose_float16_scores_all_round_down(tmp_path: Path) 
 def test_screened_threshold_keeps_scores_exactly_at_the_threshold(tmp_path: Path) -> None:
     """Scores exactly equal to the threshold match (``score >= threshold``) on every search path: the float16
     screen, the float32 scan, FAISS IVF and the service's score columns. Small integers make every score exact."""
-    from logitsep.serve.service import search_column
+    from logitsep.search.select import select
 
     rows = torch.zeros(1000, 4)
     rows[::50] = 1.0  # 20 items score exactly 4, the rest 0
@@ -813,7 +819,7 @@ def test_screened_threshold_keeps_scores_exactly_at_the_threshold(tmp_path: Path
     ivf = plain.approximate(nlist=4, nprobe=4)
     assert ivf.search(query, threshold=4.0).ids.tolist() == want
     column = (rows @ query).numpy()
-    assert search_column(column, 4.0, None)[0].tolist() == want
+    assert select(column, 4.0, None).ids.tolist() == want
 
 
 def _midpoint(binade: int, k: int, above: bool) -> float:
@@ -830,7 +836,7 @@ def test_screened_top_k_survives_errors_of_opposite_signs(tmp_path: Path, monkey
     ``screen_margin`` cannot hide a cut one bound short. Row 0 and the first half of the query round up, row 1
     and the second half round down: row 1 scores higher in float32, lower in float16, by more than the bound
     plus a float16 step."""
-    if not search_mod._fp16_mv_accumulates_in_fp32():
+    if not screen_mod.fp16_mv_accumulates_in_fp32():
         pytest.skip("this CPU's float16 matrix-vector product does not accumulate in float32 (the screen is off)")
     up = [_midpoint(-1, 907, True), _midpoint(-1, 934, True), 0.0, 0.0]
     down = [0.0, 0.0, _midpoint(-1, 863, False), _midpoint(-1, 959, False)]
@@ -841,8 +847,8 @@ def test_screened_top_k_survives_errors_of_opposite_signs(tmp_path: Path, monkey
     s16 = torch.mv(rows.half(), query.half()).double()
     tight = float((s16 - exact).abs().max())
     assert exact[1] > exact[0]
-    assert float(s16[1]) < float(search_mod._float16_at_most(float(s16[0]) - tight))  # one bound short loses row 1
-    monkeypatch.setattr(search_mod, "screen_margin", lambda *args: tight)
+    assert float(s16[1]) < float(screen_mod.float16_at_most(float(s16[0]) - tight))  # one bound short loses row 1
+    monkeypatch.setattr(screen_mod, "screen_margin", lambda *args: tight)
     with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
         index.append(rows)
     fast = EmbeddingIndex.open(tmp_path / "ix")

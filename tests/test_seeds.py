@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitsep import seeds
 from logitsep.cli import main
+from logitsep.experiments import seeds
 
 
 def per_loss_row(loss: str, scoring: str, seed: int, values: tuple[float, float, float], **settings: object) -> dict:

@@ -28,17 +28,12 @@ with warnings.catch_warnings():  # recent Starlette prefers httpx2 for its test 
     from fastapi.testclient import TestClient
 
 from logitsep.classifier import SingleLogitClassifier, calibrate_run  # noqa: E402
+from logitsep.core.images import encode_png, image_layout  # noqa: E402
+from logitsep.search.select import select  # noqa: E402
 from logitsep.serve.app import create_app  # noqa: E402
-from logitsep.serve.service import (  # noqa: E402
-    MAX_IMAGES,
-    BadInput,
-    ScoreCache,
-    Service,
-    dataset_images,
-    encode_png,
-    image_geometry,
-    search_column,
-)
+from logitsep.serve.cache import ScoreCache  # noqa: E402
+from logitsep.serve.requests import MAX_IMAGES, BadInput  # noqa: E402
+from logitsep.serve.service import Service, dataset_images  # noqa: E402
 from logitsep.train import TrainConfig, train  # noqa: E402
 
 
@@ -235,7 +230,8 @@ def test_score_columns_give_the_index_search_exactly(tmp_path: Path) -> None:
                 for top_k in (None, 1, 7, 1000):
                     if threshold is None and top_k is None:
                         continue
-                    ids, scores = search_column(column, threshold, top_k)
+                    found = select(column, threshold, top_k)
+                    ids, scores = found.ids, found.scores
                     ref = index.search(q, threshold=threshold, top_k=top_k)
                     assert ids.tolist() == ref.ids.tolist() and scores.tolist() == ref.scores.tolist()
                     brute = sorted((i for i in range(n) if threshold is None or exact[i] >= threshold),
@@ -575,13 +571,16 @@ def test_dataset_images_invert_the_loaders_scaling() -> None:
     assert pixels.reshape(-1)[:500].tolist() == expected
 
 
-def test_image_geometry() -> None:
-    assert image_geometry((784,)) == (28, 28, 1)
-    assert image_geometry((3, 32, 24)) == (32, 24, 3)
-    assert image_geometry((5, 7)) == (5, 7, 1)
+def test_image_layout(run_dir: Path, tmp_path: Path) -> None:
+    assert image_layout((784,)) == (1, 28, 28)
+    assert image_layout((3, 32, 24)) == (3, 32, 24)
+    assert image_layout((5, 7)) == (1, 5, 7)
     for bad in ((10,), (2, 3, 4, 5), ()):
-        with pytest.raises(ValueError, match="cannot serve images"):
-            image_geometry(bad)
+        assert image_layout(bad) is None
+    clf = SingleLogitClassifier.from_run(run_dir)
+    clf.input_shape = (10,)  # a model that takes no images
+    with pytest.raises(ValueError, match="cannot serve images"):
+        Service(clf, tmp_path / "index")
 
 
 def test_cli_parses_serve(monkeypatch: pytest.MonkeyPatch) -> None:

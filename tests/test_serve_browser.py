@@ -98,7 +98,8 @@ def test_page_shows_stored_then_live_matches(run_dir: Path, driver, tmp_path: Pa
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from logitsep.classifier import SingleLogitClassifier
-    from logitsep.serve.service import dataset_images, encode_png
+    from logitsep.core.images import encode_png
+    from logitsep.serve.service import dataset_images
 
     images = dataset_images("mnist", "test", (784,))[:240]
     clf = SingleLogitClassifier.from_run(run_dir)

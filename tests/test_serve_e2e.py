@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from logitsep.classifier import SingleLogitClassifier, calibrate_run  # noqa: E402
-from logitsep.serve.service import dataset_images, encode_png  # noqa: E402
+from logitsep.core.images import encode_png  # noqa: E402
+from logitsep.serve.service import dataset_images  # noqa: E402
 from logitsep.train import TrainConfig, train  # noqa: E402
 
 

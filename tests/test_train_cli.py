@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from logitsep.cli import main
 from logitsep.data import load_dataset
 from logitsep.losses import LOSSES
-from logitsep.train import TrainConfig, batch_indices, load_run, train
+from logitsep.runs import load_run
+from logitsep.train import TrainConfig, batch_indices, train
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     saved = json.loads((out / "metrics.json").read_text())
     assert evaluated["auprc"] == pytest.approx(saved["test"]["auprc"])  # the checkpoint is the trained model
-    model, config, step = load_run(out)
-    assert config.loss == "bce" and step == 60
+    run = load_run(out)
+    assert run.config.loss == "bce" and run.step == 60 and run.spec.loss == "bce"
 
 
 def test_cli_reproduce_writes_table_files(tmp_path, capsys):

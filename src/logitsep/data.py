@@ -34,20 +34,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .core.checks import check_positive_int
+from .core.extras import MissingDependencyError
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """The files of a dataset are not on this machine; the message says how to get them."""
-
-
-class MissingDependencyError(ImportError, ValueError):
-    """An optional package (scipy, torchvision) is not installed; the message names it and says what to do."""
 
 
 @dataclass
 class Splits:
     """Train / validation / test tensors of one dataset. ``train_full`` = train + validation.
 
-    ``class_names[c]`` is the readable name of class ``c`` (``"0"`` … ``"k-1"`` when the dataset has none).
+    ``class_names[c]`` is the readable name of class ``c`` (``"0"`` … ``"k-1"`` when the dataset has none);
+    ``input_kind`` says whether the inputs are images (``pixel/256``) or feature vectors.
     """
 
     name: str
@@ -59,6 +59,7 @@ class Splits:
     test_y: Tensor
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    input_kind: str = "image"  # "image" (inputs = pixel/256) or "features" (vectors used as they are)
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -80,10 +81,10 @@ class Splits:
 
 
 def _splits(name: str, arrays: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
-            class_names: Sequence[str] | None = None) -> Splits:
+            class_names: Sequence[str] | None = None, input_kind: str = "image") -> Splits:
     tensors = [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)) for x, y in arrays]
     (trx, try_), (vax, vay), (tex, tey) = tensors
-    return Splits(name, trx, try_, vax, vay, tex, tey, num_classes, list(class_names or []))
+    return Splits(name, trx, try_, vax, vay, tex, tey, num_classes, list(class_names or []), input_kind)
 
 
 def data_root() -> Path:
@@ -375,12 +376,6 @@ def load_digits() -> Splits:
     return _splits("digits", [(x[:1000], y[:1000]), (x[1000:1397], y[1000:1397]), (x[1397:], y[1397:])], 10)
 
 
-def _positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def load_synthetic(num_classes: int = 1000, dim: int = 64, per_class_train: int = 50, per_class_valid: int = 10,
                    per_class_test: int = 10, separation: float = 5.0, noise: float = 1.0, seed: int = 0) -> Splits:
     """Many-class Gaussian clusters for experiments at large k: ``x = separation · μ_y + noise · ε``, with class
@@ -393,10 +388,11 @@ def load_synthetic(num_classes: int = 1000, dim: int = 64, per_class_train: int 
     5/1/1 per class is 179 MB. Generated in chunks, so the peak memory is not much more than the result.
     Everything is a pure function of the arguments (``seed`` fixes means, samples and order).
     """
-    k = _positive_int(num_classes, "num_classes", 2)
-    dim = _positive_int(dim, "dim")
-    counts = [_positive_int(per_class_train, "per_class_train"), _positive_int(per_class_valid, "per_class_valid"),
-              _positive_int(per_class_test, "per_class_test")]
+    k = check_positive_int(num_classes, "num_classes", minimum=2)
+    dim = check_positive_int(dim, "dim")
+    counts = [check_positive_int(per_class_train, "per_class_train"),
+              check_positive_int(per_class_valid, "per_class_valid"),
+              check_positive_int(per_class_test, "per_class_test")]
     for value, name in ((separation, "separation"), (noise, "noise")):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -414,7 +410,7 @@ def load_synthetic(num_classes: int = 1000, dim: int = 64, per_class_train: int 
             x[rows] *= np.float32(noise)
             x[rows] += means[y[rows]]
         arrays.append((x, y))
-    return _splits("synthetic", arrays, k)
+    return _splits("synthetic", arrays, k, input_kind="features")
 
 
 # ------------------------------------------------------------------------------------------------- registry

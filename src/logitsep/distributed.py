@@ -5,7 +5,7 @@ An N-process run computes the same updates as a one-process run on the same glob
 - **Data.** Every rank draws the global batch of the step (``batch_indices``, as one process would) and keeps
   its contiguous shard: rank r takes rows ``[r·B/N, (r+1)·B/N)`` of the ``B = --batch-size`` rows.
 - **Losses.** A loss whose value couples the examples of a batch (the paper's ``batch_ce`` and
-  ``batch_max_margin``; class attribute ``couples_examples = True``) is computed on the *global* batch: the
+  ``batch_max_margin``; ``global_batch`` in their registry spec) is computed on the *global* batch: the
   logits are all-gathered with the differentiable ``torch.distributed.nn.functional.all_gather`` (targets with a
   plain all-gather) and every rank evaluates the same global loss L. Gradient scaling: the backward of the
   all-gather *sums* over ranks the gradients that flow into each rank's logits, so rank r receives
@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .losses import loss_spec
 
 
 def world_size() -> int:
@@ -111,8 +113,9 @@ def _all_gather_plain(x: Tensor) -> Tensor:
 
 
 def couples_examples(loss_fn: nn.Module) -> bool:
-    """Whether the loss's value couples the examples of a batch (then it needs the global batch)."""
-    return bool(getattr(loss_fn, "couples_examples", False))
+    """Whether the loss must be computed on the global batch: it couples the examples of a batch, or draws random
+    numbers per example (its registry spec says which, :meth:`~logitsep.losses.LossSpec.needs_global_batch`)."""
+    return loss_spec(loss_fn).needs_global_batch(loss_fn)
 
 
 def batch_loss(loss_fn: nn.Module, logits: Tensor, target: Tensor) -> Tensor:

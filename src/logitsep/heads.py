@@ -6,6 +6,11 @@ example, ``O(d)``, never the ``[n, k]`` product: the fast single-class query of 
 (Keren, Sabato & Schuller, "Fast Single-Class Classification and the Principle of Logit Separation", ICDM 2018).
 ``logits(h, classes)`` scores a small subset of classes, ``O(n·d·len(classes))``.
 
+Every head implements :class:`Head`, the interface every consumer (the classifier, class search, the service,
+training) uses: ``k``, ``d``, ``kind``, ``logit``, ``logits``, and for class search ``class_vectors`` /
+``item_vectors`` (whose inner products are the logits, with the bias folded in as one more dimension) and
+``fingerprint`` (an index records the head that built it).
+
 * :class:`LinearHead`: ``z_j = W_j·h + b_j`` (an ``nn.Linear``: same state-dict keys, init and attributes, so
   checkpoints of models built with ``nn.Linear`` heads load unchanged). ``zscore(h, c)`` gives the Z-loss
   z-score of one class in ``O(d²)`` per example, independent of ``k``.
@@ -16,29 +21,24 @@ example, ``O(d)``, never the ``[n, k]`` product: the fast single-class query of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses._checks import check_positive
+from .core.checks import check_positive, check_positive_int, class_indices, per_example_classes
 
-__all__ = ["CosineHead", "LinearHead"]
+__all__ = ["CosineHead", "Head", "LinearHead", "as_head"]
 
 # Rows of W per QR step when the z-score statistics are (re)computed: bounds the float64 scratch memory.
 _ZSTATS_CHUNK = 8192
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def _check_size(value: object, name: str, head: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise ValueError(f"{head}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _check_embeddings(h: object, weight: Tensor, head: str, *, same_dtype: bool = True) -> Tensor:
@@ -58,51 +58,6 @@ def _check_embeddings(h: object, weight: Tensor, head: str, *, same_dtype: bool 
     return h
 
 
-def _check_classes(c: object, m: int, k: int, head: str) -> int | Tensor:
-    """One class for every example (an int, or a 0-d integer tensor) or one per example (a ``[m]`` tensor)."""
-    if type(c) is int and 0 <= c < k:  # the common query, checked without the ABC machinery below
-        return c
-    if isinstance(c, Tensor):
-        if c.dtype == torch.bool or c.is_floating_point() or c.is_complex():
-            raise TypeError(f"{head}: class indices must be integers, got dtype {c.dtype}")
-        if c.dim() == 0:
-            c = int(c)
-        elif c.dim() != 1 or c.shape[0] != m:
-            raise ValueError(f"{head}: c must be an int or a [{m}] tensor of class indices, got shape {tuple(c.shape)}")
-        else:
-            if m > 0:
-                lo, hi = int(c.min()), int(c.max())
-                if lo < 0 or hi >= k:
-                    raise ValueError(f"{head}: class indices must be in [0, {k}), got range [{lo}, {hi}]")
-            return c.long()
-    if isinstance(c, bool) or not isinstance(c, numbers.Integral):
-        raise TypeError(f"{head}: c must be an int or an integer tensor, got {type(c).__name__}")
-    c = int(c)
-    if not 0 <= c < k:
-        raise ValueError(f"{head}: class index must be in [0, {k}), got {c}")
-    return c
-
-
-def _check_class_list(classes: object, k: int, head: str) -> Tensor:
-    """A 1-D integer tensor (or a sequence of ints) of class indices in ``[0, k)``; duplicates are allowed."""
-    if not isinstance(classes, Tensor):
-        if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
-            raise TypeError(f"{head}: classes must be a 1-D integer tensor or a list of ints, "
-                            f"got {type(classes).__name__}")
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in classes):
-            raise TypeError(f"{head}: classes must be integers, got {list(classes)!r}")
-        classes = torch.tensor([int(v) for v in classes], dtype=torch.long)
-    if classes.dtype == torch.bool or classes.is_floating_point() or classes.is_complex():
-        raise TypeError(f"{head}: class indices must be integers, got dtype {classes.dtype}")
-    if classes.dim() != 1:
-        raise ValueError(f"{head}: classes must be a 1-D tensor of class indices, got shape {tuple(classes.shape)}")
-    if classes.numel() > 0:
-        lo, hi = int(classes.min()), int(classes.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"{head}: class indices must be in [0, {k}), got range [{lo}, {hi}]")
-    return classes.long()
-
-
 def _rows(weight: Tensor, c: int | Tensor) -> Tensor:
     """``W[c]``: a ``[d]`` row for one class, ``[n, d]`` rows for a per-example index tensor."""
     return weight[c] if isinstance(c, int) else weight[c.to(weight.device)]
@@ -117,7 +72,76 @@ def _normalize(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- heads
 
 
-class LinearHead(nn.Linear):
+class Head:
+    """The interface of every head: what the classifier, class search, the service and training rely on.
+
+    * ``k`` classes, embedding dimension ``d``, ``kind`` (``"linear"`` or ``"cosine"``);
+    * ``logit(h, c)`` → ``[n]``: the logit of one class per example (an int, or a ``[n]`` index tensor), one dot
+      product per example; ``logits(h, classes)`` → ``[n, q]`` for a subset of classes;
+    * ``class_vectors(classes=None)`` → ``[q, d+1]`` float32 on the CPU and ``item_vectors(h)`` → ``[n, d+1]``
+      float32: their inner products are the logits (``item_vectors(h) @ class_vectors().T`` equals the logits up
+      to rounding), so "all items of class c" over stored embeddings is an inner-product range query;
+    * ``fingerprint()``: SHA-256 of the head's kind, shape, scale and parameters (float32 bytes); an index records
+      the fingerprint of the head that built it and refuses any other.
+    """
+
+    kind: str
+    k: int
+    d: int
+
+    def logit(self, h: Tensor, c: int | Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+    def class_vectors(self, classes: object = None) -> Tensor:
+        raise NotImplementedError
+
+    def item_vectors(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _fingerprint_parts(self) -> tuple[dict[str, object], list[Tensor]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logit_columns(self, h: Tensor) -> Tensor:
+        """Every class's logit, ``[n, k]``, computed as ``logit(h, c)`` class by class: bit for bit what a
+        single-logit decision computes (a matrix product gives the same values up to rounding, in another
+        summation order), so that a calibration example sitting exactly at a threshold is decided the same way
+        later. ``O(n·k·d)``, about 10x slower than one matrix product; calibration runs once."""
+        return torch.stack([self.logit(h, c) for c in range(self.k)], dim=1)
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """SHA-256 of the head (see the class docstring); changes with any parameter."""
+        description, tensors = self._fingerprint_parts()
+        digest = hashlib.sha256(json.dumps(description).encode())
+        for t in tensors:
+            digest.update(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
+        return digest.hexdigest()
+
+    def _item_rows(self, h: object, name: str) -> Tensor:
+        """``h`` checked (``[n, d]`` floating, any dtype and device) and detached as float32."""
+        return _check_embeddings(h, self.weight, name, same_dtype=False).detach().float()
+
+
+def as_head(module: nn.Module) -> Head:
+    """``module`` as a :class:`Head`: a head is returned as is; a plain ``nn.Linear`` (with or without bias) becomes
+    a :class:`LinearHead` sharing its parameters; anything else is a ``TypeError``."""
+    if isinstance(module, Head):
+        return module
+    if isinstance(module, nn.Linear):
+        head = LinearHead(module.in_features, module.out_features, bias=module.bias is not None)
+        head.weight = module.weight
+        if module.bias is not None:
+            head.bias = module.bias
+        return head
+    raise TypeError(f"a head must be a linear head (nn.Linear / LinearHead) or a CosineHead, "
+                    f"got {type(module).__name__}")
+
+
+class LinearHead(nn.Linear, Head):
     """Linear head ``z_j(h) = W_j·h + b_j``, ``W [k, d]``, ``b [k]``: an ``nn.Linear(d, k)`` (same parameters,
     state-dict keys ``weight``/``bias``, initialisation and ``in_features``/``out_features``) with single-logit
     scoring.
@@ -129,8 +153,11 @@ class LinearHead(nn.Linear):
       per example from statistics of ``W`` and ``b`` cached between calls.
     """
 
-    def __init__(self, d: int, k: int) -> None:
-        super().__init__(_check_size(d, "d", "LinearHead"), _check_size(k, "k", "LinearHead"))
+    kind = "linear"
+
+    def __init__(self, d: int, k: int, bias: bool = True) -> None:
+        super().__init__(check_positive_int(d, "d", "LinearHead"), check_positive_int(k, "k", "LinearHead"),
+                         bias=bias)
         self._zstats: dict[str, object] | None = None
 
     @property
@@ -154,7 +181,9 @@ class LinearHead(nn.Linear):
         """
         weight, bias = self.weight, self.bias  # read once: nn.Module attribute lookup is not free at this scale
         h = _check_embeddings(h, weight, "LinearHead")
-        c = _check_classes(c, h.shape[0], self.k, "LinearHead")
+        c = per_example_classes(c, h.shape[0], self.k, "LinearHead")
+        if bias is None:
+            return h @ weight[c] if isinstance(c, int) else torch.einsum("nd,nd->n", h, weight[c.to(weight.device)])
         if isinstance(c, int):
             return torch.addmv(bias[c], h, weight[c])  # one fused kernel: b_c + h·W_c
         c = c.to(weight.device)
@@ -164,8 +193,30 @@ class LinearHead(nn.Linear):
         """Logits of the classes ``classes`` (a 1-D index tensor or list, duplicates allowed) for every example,
         ``[n, len(classes)]``: ``h W[classes]ᵀ + b[classes]``, ``O(n·d·len(classes))``."""
         h = _check_embeddings(h, self.weight, "LinearHead")
-        classes = _check_class_list(classes, self.k, "LinearHead").to(self.weight.device)
-        return F.linear(h, self.weight[classes], self.bias[classes])
+        classes = class_indices(classes, self.k, "LinearHead").to(self.weight.device)
+        return F.linear(h, self.weight[classes], None if self.bias is None else self.bias[classes])
+
+    # ------------------------------------------------------------------------------------ class search
+
+    @torch.no_grad()
+    def class_vectors(self, classes: object = None) -> Tensor:
+        """``[W_c, b_c]`` of each class (``b_c = 0`` without a bias), ``[q, d+1]`` float32 on the CPU; ``classes``:
+        an int, a list of ints, a 1-D integer tensor, or None for every class."""
+        idx = torch.arange(self.k) if classes is None else class_indices(classes, self.k, "class_vectors")
+        rows = self.weight.detach()[idx.to(self.weight.device)].float().cpu()
+        b = (torch.zeros(len(idx)) if self.bias is None
+             else self.bias.detach()[idx.to(self.bias.device)].float().cpu())
+        return torch.cat([rows, b[:, None]], dim=1)
+
+    @torch.no_grad()
+    def item_vectors(self, h: Tensor) -> Tensor:
+        """``[h, 1]`` of each embedding, ``[n, d+1]`` float32 on ``h``'s device."""
+        h = self._item_rows(h, "item_vectors")
+        return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+
+    def _fingerprint_parts(self) -> tuple[dict[str, object], list[Tensor]]:
+        return ({"type": "LinearHead", "shape": list(self.weight.shape), "bias": self.bias is not None,
+                 "scale": None}, [self.weight] + ([] if self.bias is None else [self.bias]))
 
     # ------------------------------------------------------------------------------------ z-score (Z-loss)
 
@@ -181,7 +232,10 @@ class LinearHead(nn.Linear):
     def _zstats_key(self) -> tuple:
         w, b = self.weight, self.bias
         return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape),
-                b.data_ptr(), b._version, b.dtype, tuple(b.shape))
+                None if b is None else (b.data_ptr(), b._version, b.dtype, tuple(b.shape)))
+
+    def _bias_or_zeros(self) -> Tensor:
+        return self.bias if self.bias is not None else self.weight.new_zeros(self.k)
 
     @torch.no_grad()
     def _compute_zstats(self) -> dict[str, object]:
@@ -196,7 +250,7 @@ class LinearHead(nn.Linear):
         ``k·σ² = ‖R x‖²`` is a sum of squares: no ``E[z²] − E[z]²`` cancellation, exact under any common
         offset of the logits, never negative.
         """
-        w, b = self.weight.detach(), self.bias.detach()
+        w, b = self.weight.detach(), self._bias_or_zeros().detach()
         k, d = w.shape
         w_mean = torch.zeros(d, dtype=torch.float64, device=w.device)
         for i in range(0, k, _ZSTATS_CHUNK):
@@ -229,19 +283,20 @@ class LinearHead(nn.Linear):
         Inference only: no gradient flows through it.
         """
         h = _check_embeddings(h, self.weight, "LinearHead", same_dtype=False)
-        c = _check_classes(c, h.shape[0], self.k, "LinearHead")
+        c = per_example_classes(c, h.shape[0], self.k, "LinearHead")
         s = self._zstats_now()
         x = h.double()
         if not isinstance(c, int):
             c = c.to(self.weight.device)
-        centred = (x * (self.weight[c].double() - s["w_mean"])).sum(dim=-1) + (self.bias[c].double() - s["b_mean"])
+        centred = ((x * (self.weight[c].double() - s["w_mean"])).sum(dim=-1)
+                    + (self._bias_or_zeros()[c].double() - s["b_mean"]))
         var = (x @ s["r_w"] + s["r_b"]).square().sum(dim=-1) / self.k
         constant = var <= 0
         z = torch.where(constant, torch.zeros_like(var), centred / torch.sqrt(torch.where(constant, 1.0, var)))
         return z.to(h.dtype)
 
 
-class CosineHead(nn.Module):
+class CosineHead(nn.Module, Head):
     """Cosine head: ``cos θ_ij = ĥ_i · ŵ_j`` with ``ĥ = h/‖h‖``, ``ŵ_j = W_j/‖W_j‖`` and ``W`` of shape ``[k, d]``.
 
     * ``forward(h)`` → ``[n, k]`` cosines in ``[−1, 1]`` (clamped against rounding): the input of the
@@ -259,10 +314,12 @@ class CosineHead(nn.Module):
     rows keep the effective step of the directions equal to the learning rate.
     """
 
+    kind = "cosine"
+
     def __init__(self, d: int, k: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.d = _check_size(d, "d", "CosineHead")
-        self.k = _check_size(k, "k", "CosineHead")
+        self.d = check_positive_int(d, "d", "CosineHead")
+        self.k = check_positive_int(k, "k", "CosineHead")
         self.scale = check_positive(scale, "scale", "CosineHead")
         self.weight = nn.Parameter(torch.empty(self.k, self.d))
         self.reset_parameters()
@@ -280,7 +337,7 @@ class CosineHead(nn.Module):
         Only the rows ``W[c]`` are read and normalised; equal to ``scale·forward(h)[i, c_i]`` up to rounding.
         """
         h = _check_embeddings(h, self.weight, "CosineHead")
-        c = _check_classes(c, h.shape[0], self.k, "CosineHead")
+        c = per_example_classes(c, h.shape[0], self.k, "CosineHead")
         cos = (_normalize(h) * _normalize(_rows(self.weight, c))).sum(dim=-1)
         return self.scale * cos.clamp(-1.0, 1.0)
 
@@ -289,8 +346,25 @@ class CosineHead(nn.Module):
     def logits(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
         """Logits ``scale·cos θ`` of the classes ``classes`` (1-D index tensor or list), ``[n, len(classes)]``."""
         h = _check_embeddings(h, self.weight, "CosineHead")
-        classes = _check_class_list(classes, self.k, "CosineHead").to(self.weight.device)
+        classes = class_indices(classes, self.k, "CosineHead").to(self.weight.device)
         return self.scale * (_normalize(h) @ _normalize(self.weight[classes]).T).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def class_vectors(self, classes: object = None) -> Tensor:
+        """``[scale·ŵ_c, 0]`` of each class, ``[q, d+1]`` float32 on the CPU (``ŵ_c = W_c/max(‖W_c‖, 1e-12)``)."""
+        idx = torch.arange(self.k) if classes is None else class_indices(classes, self.k, "class_vectors")
+        rows = self.weight.detach()[idx.to(self.weight.device)].float().cpu()
+        return torch.cat([self.scale * F.normalize(rows, dim=1, eps=1e-12), rows.new_zeros(len(idx), 1)], dim=1)
+
+    @torch.no_grad()
+    def item_vectors(self, h: Tensor) -> Tensor:
+        """``[ĥ, 1]`` of each embedding (``ĥ = h/max(‖h‖, 1e-12)``), ``[n, d+1]`` float32 on ``h``'s device."""
+        h = F.normalize(self._item_rows(h, "item_vectors"), dim=1, eps=1e-12)
+        return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+
+    def _fingerprint_parts(self) -> tuple[dict[str, object], list[Tensor]]:
+        return ({"type": "CosineHead", "shape": list(self.weight.shape), "bias": False,
+                 "scale": float(self.scale)}, [self.weight])
 
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, scale={self.scale}"

@@ -34,8 +34,8 @@ Definitions (``scores`` S of shape [n, k], positives of class c = the examples o
 Undefined values are NaN: a mean over no class with positives, a pooled metric without positives, a pooled
 AUROC without negatives.
 
-Computation: validation (:func:`check_scores`, :func:`check_target`) is kept apart from the array code,
-which has no Python loop over thresholds or classes (the only loops: ``ceil(log2(n + 1))`` binary-search
+Computation: validation (``check_scores``, ``check_labels`` of :mod:`logitsep.core.checks`) is kept apart from the
+array code, which has no Python loop over thresholds or classes (the only loops: ``ceil(log2(n + 1))`` binary-search
 steps, each over all positives at once, and the tiles of a cache-friendly transpose). It costs one sort of
 every class column (a contiguous transposed copy sorted along its rows), one sort of all n*k scores for the
 pooled ranking (``np.searchsorted`` of the positives in it gives the pooled counts), and work over the P
@@ -62,105 +62,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from .core.checks import check_fraction, check_labels, check_scores, to_numpy
+from .core.keys import DEFAULT_RECALLS, METRIC_KEYS, is_metric_key, recall_key
+from .core.ranking import group_starts, recall_position
+
 __all__ = [
     "METRIC_KEYS",
     "all_logits_scores",
+    "check_labels",
     "check_scores",
-    "check_target",
     "mean_relative_improvement",
     "one_minus",
     "per_class_metrics",
     "slc_metrics",
 ]
 
-#: Keys of :func:`slc_metrics` with the default recall levels (plus "accuracy", and "per_class" on request).
-METRIC_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_auroc")
-DEFAULT_RECALLS = (0.9, 0.99)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------
 
-def _to_numpy(value: object, name: str) -> np.ndarray:
-    """A numpy view of a numpy array, a torch tensor (any device; detached, moved to the CPU) or a sequence."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()  # exact; numpy has no bfloat16 and sorts float32 faster than float16
-        return t.cpu().resolve_conj().resolve_neg().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}") from err
-    if array.dtype == object:
-        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
-    return array
-
-
-def check_scores(scores: object, name: str = "scores") -> np.ndarray:
-    """Validate a non-empty ``[n, k]`` floating-point score matrix without NaN; return it as a numpy array.
-
-    float16 / bfloat16 are upcast to float32 (exactly: the order and the ties are unchanged); float32 and
-    float64 are kept, a torch tensor is moved to the CPU. The result may share memory with the input and is
-    never written to. ``+-inf`` are allowed (they rank above / below everything).
-    """
-    x = _to_numpy(scores, name)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [examples, classes], got shape {tuple(x.shape)}")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); need at least one example and one class")
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)
-    if np.isnan(x.min()):  # min propagates NaN: one reduction, no boolean temporary
-        raise ValueError(f"{name} contains NaN; a NaN score has no place in a ranking")
-    return x
-
-
-def check_target(target: object, shape: tuple[int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Validate the target for scores of ``shape`` = (n, k).
-
-    Returns ``(y, None)`` for class indices ``y`` (int64, shape [n], values in [0, k)) or ``(None, Y)`` for a
-    multi-label 0/1 matrix ``Y`` (bool, shape [n, k]; positives of class c are the rows with ``Y[:, c] = 1``).
-    """
-    n, k = shape
-    t = _to_numpy(target, "target")
-    if t.ndim == 2:
-        if t.shape != (n, k):
-            raise ValueError(f"multi-label target must have the scores' shape {(n, k)}, got {tuple(t.shape)}")
-        if t.dtype == np.bool_:
-            return None, t
-        if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
-            raise TypeError(f"multi-label target must be a 0/1 (bool, integer or float) matrix, got dtype {t.dtype}")
-        if not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError("multi-label target must contain only 0 and 1")
-        return None, t != 0
-    if t.ndim != 1:
-        raise ValueError(
-            f"target must be [n] class indices or an [n, k] 0/1 matrix, got shape {tuple(t.shape)}"
-        )
-    if not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"target must be integer class indices, got dtype {t.dtype}")
-    if t.shape[0] != n:
-        raise ValueError(f"target has {t.shape[0]} entries but scores have {n} rows")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= k:
-        raise ValueError(f"target values must be in [0, {k}) for {k} classes, got range [{lo}, {hi}]")
-    return t.astype(np.int64, copy=False), None
-
-
 def _check_recalls(recall_levels: Iterable[float]) -> tuple[float, ...]:
-    levels = tuple(recall_levels)
-    for r in levels:
-        if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)):
-            raise TypeError(f"recall levels must be real numbers, got {type(r).__name__}")
-        if not 0 < r <= 1:
-            raise ValueError(f"recall levels must be in (0, 1], got {r}")
-    return tuple(float(r) for r in levels)
+    return tuple(check_fraction(r, "recall levels") for r in recall_levels)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,7 +108,7 @@ def _count_below_in_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.n
     return lo
 
 
-def _transpose(x: np.ndarray, tile: tuple[int, int] = (256, 64)) -> np.ndarray:
+def contiguous_transpose(x: np.ndarray, tile: tuple[int, int] = (256, 64)) -> np.ndarray:
     """A C-contiguous copy of ``x.T`` (never a view, even for Fortran-ordered ``x``), copied tile by tile.
 
     ``np.ascontiguousarray(x.T)`` walks one side of the copy with a stride of a whole row and costs about as
@@ -203,25 +127,6 @@ def _transpose(x: np.ndarray, tile: tuple[int, int] = (256, 64)) -> np.ndarray:
     return out
 
 
-def _positions_for_recall(recall: float, positives: np.ndarray) -> np.ndarray:
-    """``m = min{j : j / P >= recall}`` for every count P >= 1, decided with the float64 comparison itself."""
-    p = positives.astype(np.float64)
-    m = np.ceil(recall * p)
-    m = np.where((m - 1) / p >= recall, m - 1, m)  # correct a rounding-up of recall * P ...
-    m = np.where(m / p < recall, m + 1, m)  # ... or a rounding-down
-    return np.clip(m, 1, p).astype(np.int64)
-
-
-def _group_starts(*keys: np.ndarray) -> np.ndarray:
-    """For arrays sorted by ``keys``: the index of the first element of each element's run of equal keys."""
-    size = len(keys[0])
-    new_group = np.zeros(size, dtype=bool)
-    new_group[:1] = True
-    for key in keys:
-        new_group[1:] |= key[1:] != key[:-1]
-    return np.maximum.accumulate(np.where(new_group, np.arange(size), 0))
-
-
 def _use_dense(num_pos: int, n: int, k: int) -> bool:
     """The sparse path costs ~ P*log2(n) gathers on top of the column sort, the dense one an argsort of the
     columns and a few passes over all n*k entries; measured break-even near P*log2(n) = 1.2-1.7 n*k."""
@@ -238,9 +143,9 @@ def _class_stats_sparse(x: np.ndarray, pos_row: np.ndarray,
     cls, val = pos_col[order], values[order]
     # TP_c(s_p) = #{positives of class c with score >= s_p}: the class's end minus the start of p's tie group
     class_end = np.cumsum(np.bincount(cls, minlength=x.shape[1]))
-    tp = class_end[cls] - _group_starts(cls, val)
+    tp = class_end[cls] - group_starts(cls, val)
     # G_c(s_p) = #{examples with score >= s_p in column c}, from the sorted columns
-    columns = _transpose(x)  # [k, n], each class's scores contiguous
+    columns = contiguous_transpose(x)  # [k, n], each class's scores contiguous
     columns.sort(axis=1)
     g = n - _count_below_in_rows(columns, cls, val)
     return cls, tp, g
@@ -250,11 +155,11 @@ def _class_stats_dense(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     """``(class, TP, G)`` of every positive, sorted by class then score, from an argsort of the columns and
     cumulative sums over them: cost independent of the number of positives."""
     n, k = x.shape
-    columns = _transpose(x)
+    columns = contiguous_transpose(x)
     order = np.argsort(columns, axis=1)
     ranked = np.take_along_axis(columns, order, axis=1)  # each column ascending
     del columns
-    hit = np.take_along_axis(_transpose(labels), order, axis=1)  # positives in the same order
+    hit = np.take_along_axis(contiguous_transpose(labels), order, axis=1)  # positives in the same order
     del order
     new_group = np.empty((k, n), dtype=bool)
     new_group[:, 0] = True
@@ -294,9 +199,9 @@ def _per_class(x: np.ndarray, y: np.ndarray | None, labels: np.ndarray | None, r
     out: dict[str, np.ndarray] = {"auprc": np.where(has, ap, np.nan)}
     for r in recalls:
         at_r = np.full(k, np.nan)
-        m = _positions_for_recall(r, counts[has])
+        m = recall_position(r, counts[has])
         at_r[has] = precision[class_end[has] - m]  # the m-th largest positive score of each class
-        out[f"precision@{r:g}"] = at_r
+        out[recall_key(r)] = at_r
     out["num_positives"] = counts
     return out
 
@@ -311,8 +216,8 @@ def _pooled(x: np.ndarray, y: np.ndarray | None, labels: np.ndarray | None) -> d
     everything = np.sort(x, axis=None)
     all_below = np.searchsorted(everything, pos, side="left")  # #pairs with score < s_p
     all_upto = np.searchsorted(everything, pos, side="right")  # #pairs with score <= s_p
-    pos_below = _group_starts(pos)  # #positives with score < s_p
-    pos_upto = num_pos - _group_starts(pos[::-1])[::-1]  # #positives with score <= s_p
+    pos_below = group_starts(pos)  # #positives with score < s_p
+    pos_upto = num_pos - group_starts(pos[::-1])[::-1]  # #positives with score <= s_p
     auprc = float(np.mean((num_pos - pos_below) / (total - all_below)))
     if num_neg == 0:
         return {"pooled_auprc": auprc, "pooled_auroc": math.nan}
@@ -340,7 +245,7 @@ def per_class_metrics(scores: object, target: object, *,
     where the formulas are given.
     """
     x = check_scores(scores)
-    y, labels = check_target(target, x.shape)
+    y, labels = check_labels(target, x.shape)
     recalls = _check_recalls(recall_levels)
     return _per_class(x, y, labels, recalls)
 
@@ -368,13 +273,13 @@ def slc_metrics(scores: object, target: object, *, per_class: bool = False,
         ValueError: wrong rank or shape, empty input, NaN scores, target out of [0, k) or not 0/1.
     """
     x = check_scores(scores)
-    y, labels = check_target(target, x.shape)
+    y, labels = check_labels(target, x.shape)
     recalls = _check_recalls(recall_levels)
 
     classes = _per_class(x, y, labels, recalls)
     result: dict[str, Any] = {"auprc": _mean_over_present(classes["auprc"])}
     for r in recalls:
-        result[f"precision@{r:g}"] = _mean_over_present(classes[f"precision@{r:g}"])
+        result[recall_key(r)] = _mean_over_present(classes[recall_key(r)])
     result.update(_pooled(x, y, labels))
     result["accuracy"] = None if y is None else float(np.mean(np.argmax(x, axis=1) == y))
     if per_class:
@@ -398,7 +303,7 @@ def all_logits_scores(logits: object) -> np.ndarray | torch.Tensor:
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or infinite values; softmax is not defined there")
         return torch.softmax(logits.detach().double(), dim=1)
-    z = _to_numpy(logits, "logits")
+    z = to_numpy(logits, "logits")
     if not np.issubdtype(z.dtype, np.floating):
         raise TypeError(f"logits must be a floating-point array, got dtype {z.dtype}")
     _check_logits_shape(z.shape)
@@ -443,10 +348,6 @@ def mean_relative_improvement(non_aligned: Sequence[float], aligned: Sequence[fl
     return (base - better) / base
 
 
-def _is_metric_key(key: str) -> bool:
-    return key in ("auprc", "pooled_auprc", "pooled_auroc", "accuracy") or key.startswith("precision@")
-
-
 def one_minus(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """``1 - value`` for every metric entry of ``metrics`` (auprc, precision@r, pooled_*, accuracy), as the
     paper's tables print them (lower is better); None stays None, other entries (e.g. "loss", "lr",
@@ -455,7 +356,7 @@ def one_minus(metrics: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, Mapping):
             out[key] = one_minus(value)
-        elif _is_metric_key(key) and value is not None:
+        elif is_metric_key(key) and value is not None:
             out[key] = 1 - (np.asarray(value) if isinstance(value, (list, tuple)) else value)
         else:
             out[key] = value

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import MissingDependencyError
+from .core.extras import MissingDependencyError
 
 
 class SLCModel(nn.Module):
@@ -28,6 +28,15 @@ class SLCModel(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+    @torch.no_grad()
+    def embed_in_batches(self, x: Tensor, batch_size: int = 1024, device: str | torch.device = "cpu") -> Tensor:
+        """Embeddings of ``x`` in evaluation mode, ``batch_size`` rows at a time moved to ``device`` (in the head's
+        dtype): the embeddings every single-logit score, calibration and index is computed from."""
+        self.eval()
+        param = next(self.head.parameters())
+        parts = [self.embed(x[i:i + batch_size].to(device, param.dtype)) for i in range(0, x.shape[0], batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, param.shape[1], dtype=param.dtype, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

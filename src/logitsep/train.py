@@ -8,13 +8,15 @@ Section VI-A) picks ``lr`` from {1, 0.1, 0.01, 0.001} by validation accuracy; ``
 The batch order is a pure function of ``(seed, step)`` (:func:`batch_indices`), and the checkpoint holds the
 weights, the momentum buffers and the random-number state, so a run resumed from a checkpoint takes the same
 steps as an uninterrupted one. Under ``torchrun`` every rank takes its shard of the same global batch
-(:mod:`logitsep.distributed`). Files in the run folder, written by rank 0 only:
+(:mod:`logitsep.distributed`). Files in the run folder (their layout: :mod:`logitsep.runs`), written by rank 0
+only:
 
+- ``model.json``: the model spec, written when training starts (a run describes itself from its first step);
 - ``checkpoint.safetensors``: everything a resume needs in **one** file (weights ``model/…``, momentum buffers
   ``optimizer/…``, RNG state ``rng/…``; step, config, optimizer param groups, the losses of the open log window
   and the elapsed time in its metadata). One file written by one atomic rename: a kill at any instant leaves
   the previous checkpoint or the new one, never a mix of two steps;
-- ``model.safetensors``: the weights and batch-norm statistics (metadata ``step``), for ``load_run``;
+- ``model.safetensors``: the weights and batch-norm statistics (metadata ``step``), for :func:`logitsep.runs.load_run`;
 - ``state.json``: the config and the step reached (written last: it marks a complete checkpoint);
 - ``log.csv``: ``step, loss, lr, elapsed_s`` every ``log_every`` steps and at the end; ``loss`` is the mean
   training loss over the steps since the previous row, ``step`` counts the steps done. On resume the rows past
@@ -22,85 +24,43 @@ steps as an uninterrupted one. Under ``torchrun`` every rank takes its shard of 
 - ``tensorboard/``: the same scalars, with ``tensorboard=True`` (needs the ``tensorboard`` package);
 - ``metrics.json``: SLC metrics of the final model (see :func:`evaluate_model`);
 - ``thresholds.json``: per-class and global score thresholds for a precision of 0.99 on the validation split
-  (``logitsep.classifier.calibrate_run``; ``logitsep calibrate RUN`` recalibrates).
+  (:mod:`logitsep.thresholds`, from the single logits :meth:`~logitsep.heads.Head.logit_columns` computes;
+  ``logitsep calibrate RUN`` recalibrates).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._io import atomic_write, write_csv, write_json
+from .core.checks import check_positive_int
+from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
-from .losses import LOSSES, get_loss, value_checks
+from .losses import get_loss, loss_spec, value_checks
 from .metrics import all_logits_scores, slc_metrics
-from .models import SLCModel, build_model, check_model_name
+from .models import SLCModel, build_model
+from .runs import CHECKPOINT, LOG, METRICS, STATE, THRESHOLDS, WEIGHTS, TrainConfig, model_spec, write_spec
+from .thresholds import calibrate_scores
+
+__all__ = ["TrainConfig", "batch_indices", "evaluate_model", "learning_rate", "predict", "read_log",
+           "softmax_scale", "train"]
 
 LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
 RESUMABLE_CHANGES = ("steps", "device")  # config fields a resumed run may change
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. ``train_split`` is ``"train"`` (model selection on ``"valid"``) or
-    ``"train_full"`` (train + valid, as the demo does). ``batch_size`` is the global batch (all processes)."""
-
-    dataset: str = "mnist"
-    model: str = "mlp"
-    loss: str = "ce"
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    steps: int = 2000
-    lr: float = 0.1
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    seed: int = 0
-    train_split: str = "train"
-    head_scale: float = 1.0
-    device: str = "cpu"
-
-    def validate(self) -> TrainConfig:
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; valid names: {', '.join(sorted(LOSSES))}")
-        check_model_name(self.model)  # mlp, cnn, or a torchvision classifier (ValueError naming the valid ones)
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.train_split not in ("train", "train_full"):
-            raise ValueError(f"train_split must be 'train' or 'train_full', got {self.train_split!r}")
-        for name in ("steps", "batch_size"):
-            _check_positive_int(getattr(self, name), name)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay}")
-        return self
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def head_kind(loss: str) -> str:
-    """Cosine-margin losses take cosines, so their model ends with a cosine head; the others a linear one."""
-    return "cosine" if getattr(LOSSES[loss], "expects_cosines", False) else "linear"
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,10 +111,11 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, device: str = "cpu",
 
 
 def softmax_scale(config: TrainConfig) -> float:
-    """The factor between the model's outputs and the logits its loss takes a softmax of (1 for a linear head)."""
-    if head_kind(config.loss) == "linear":
+    """The factor between the model's outputs and the logits its loss takes a softmax of: 1 for a linear head,
+    the loss's ``scale`` for the cosine-margin losses (their model's outputs are cosines)."""
+    if loss_spec(config.loss).head == "linear":
         return 1.0
-    return float(getattr(get_loss(config.loss, **config.loss_kwargs), "scale", 1.0))
+    return float(get_loss(config.loss, **config.loss_kwargs).scale)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -173,16 +134,16 @@ def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"step": str(step), "config": json.dumps(asdict(config)), "log_window": json.dumps(window),
             "param_groups": json.dumps(opt_state["param_groups"]), "elapsed_s": repr(elapsed)}
-    atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
-    write_json(out / "state.json", {"step": step, "config": asdict(config), "world_size": world_size})
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
+    write_json(out / STATE, {"step": step, "config": asdict(config), "world_size": world_size})
 
 
 def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                      config: TrainConfig) -> tuple[int, float, list[float]]:
     """Restore ``model``, ``optimizer`` and the RNG from ``out/checkpoint.safetensors``; return the step, the
     elapsed seconds and the open log window stored with it. Refuses a checkpoint of a different run."""
-    path = None if out is None else out / "checkpoint.safetensors"
+    path = None if out is None else out / CHECKPOINT
     if path is None or not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out} (no checkpoint.safetensors)")
     try:
@@ -219,21 +180,6 @@ def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.
     return step, elapsed, [float(v) for v in window]
 
 
-def load_run(out: str | Path, device: str = "cpu") -> tuple[SLCModel, TrainConfig, int]:
-    """The model, config and step of a run folder written by :func:`train`."""
-    out = Path(out)
-    state_path = out / "state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{out} holds no complete checkpoint (no state.json)")
-    state = json.loads(state_path.read_text())
-    config = TrainConfig(**state["config"])
-    data = load_dataset(config.dataset)
-    model = build_model(config.model, data.input_shape, data.num_classes, head=head_kind(config.loss),
-                        scale=config.head_scale)
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
-    return model.to(device), config, int(state["step"])
-
-
 # ---------------------------------------------------------------------------------------------- logging
 
 
@@ -243,7 +189,7 @@ class RunLog:
     drops a line a kill may have cut short)."""
 
     def __init__(self, out: Path, keep_until: int | None, log_every: int, tensorboard: bool = False) -> None:
-        self.path = out / "log.csv"
+        self.path = out / LOG
         rows = []
         if keep_until is not None and self.path.is_file():
             for row in _read_log(self.path):
@@ -282,7 +228,7 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 def read_log(out: str | Path) -> list[dict[str, Any]]:
     """The rows of ``out/log.csv`` as dicts with numbers (``step`` an int)."""
-    return _read_log(Path(out) / "log.csv")
+    return _read_log(Path(out) / LOG)
 
 
 def _check_tensorboard() -> None:
@@ -296,6 +242,28 @@ def _check_tensorboard() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Session:
+    """What one training run holds while it runs (built by :func:`_start`, stepped by :func:`_loop`)."""
+
+    config: TrainConfig
+    data: Splits
+    out: Path | None
+    ctx: distributed.Context
+    model: SLCModel
+    net: nn.Module  # the model, wrapped by DDP under several processes
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    resumed: bool = False
+    start: int = 0
+    elapsed_before: float = 0.0
+    window: list[float] | None = None  # losses of the open log window
+
+    @property
+    def writes(self) -> bool:
+        return self.out is not None and self.ctx.is_main
 
 
 def train(config: TrainConfig, data: Splits | None = None, out: str | Path | None = None, resume: bool = False,
@@ -314,8 +282,8 @@ def train(config: TrainConfig, data: Splits | None = None, out: str | Path | Non
     result without metrics).
     """
     config.validate()
-    _check_positive_int(checkpoint_every, "checkpoint_every")
-    _check_positive_int(log_every, "log_every")
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    check_positive_int(log_every, "log_every")
     out_path = Path(out) if out is not None else None
     if tensorboard:
         if out_path is None:
@@ -324,37 +292,46 @@ def train(config: TrainConfig, data: Splits | None = None, out: str | Path | Non
     data = data if data is not None else load_dataset(config.dataset)
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, data, out_path, resume, progress, eval_splits, checkpoint_every, log_every,
-                      tensorboard, ctx)
+        session = _start(config, data, out_path, resume, ctx)
+        began = time.perf_counter()
+        last_loss = _loop(session, progress, checkpoint_every, log_every, tensorboard)
+        return _finish(session, time.perf_counter() - began, last_loss, eval_splits)
     finally:
         ctx.close()
 
 
-def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, progress: bool | None,
-           eval_splits: tuple[str, ...], checkpoint_every: int, log_every: int, tensorboard: bool,
-           ctx: distributed.Context) -> tuple[SLCModel, dict[str, Any]]:
-    device = ctx.device
-    x, y = data.split(config.train_split)
+def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ctx: distributed.Context) -> _Session:
+    """The model, optimizer and loss of the run, restored from ``out``'s checkpoint when resuming; ``model.json``."""
+    x, _ = data.split(config.train_split)
     if ctx.world_size > 1 and config.batch_size > len(x):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(x)} training examples")
-    shard = ctx.shard(config.batch_size)
-    x, y = x.to(device), y.to(device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes, head=head_kind(config.loss),
-                        scale=config.head_scale).to(device)
+    model = build_model(config.model, data.input_shape, data.num_classes, head=loss_spec(config.loss).head,
+                        scale=config.head_scale).to(ctx.device)
     model = distributed.convert_batchnorm(model, ctx)
     optimizer = make_optimizer(model, config)
-    loss_fn = get_loss(config.loss, **config.loss_kwargs).to(device)
-    start, elapsed_before, window = 0, 0.0, []
+    session = _Session(config, data, out, ctx, model, model, optimizer,
+                       get_loss(config.loss, **config.loss_kwargs).to(ctx.device), window=[])
     if resume:
-        start, elapsed_before, window = _load_checkpoint(out, model, optimizer, config)
-        if start > config.steps:
-            raise ValueError(f"--resume: the checkpoint in {out} is at step {start}, beyond steps={config.steps}")
-    net = distributed.data_parallel(model, ctx)
-    writes = out is not None and ctx.is_main
-    log = RunLog(out, start if resume else None, log_every, tensorboard) if writes else None
-    bar = tqdm(total=config.steps, initial=start, desc=config.loss, unit="step", leave=False, dynamic_ncols=True,
-               disable=(not ctx.is_main) or (None if progress is None else not progress))
+        session.resumed = True
+        session.start, session.elapsed_before, session.window = _load_checkpoint(out, model, optimizer, config)
+        if session.start > config.steps:
+            raise ValueError(f"--resume: the checkpoint in {out} is at step {session.start}, beyond "
+                             f"steps={config.steps}")
+    if session.writes:
+        write_spec(out, model_spec(config, data, model))
+    session.net = distributed.data_parallel(model, ctx)
+    return session
+
+
+def _loop(s: _Session, progress: bool | None, checkpoint_every: int, log_every: int, tensorboard: bool) -> float | None:
+    """Steps ``s.start .. steps − 1``: log rows, checkpoints and the progress bar; returns the last logged loss."""
+    config, device = s.config, s.ctx.device
+    x, y = (t.to(device) for t in s.data.split(config.train_split))
+    shard = s.ctx.shard(config.batch_size)
+    log = RunLog(s.out, s.start if s.resumed else None, log_every, tensorboard) if s.writes else None
+    bar = tqdm(total=config.steps, initial=s.start, desc=config.loss, unit="step", leave=False, dynamic_ncols=True,
+               disable=(not s.ctx.is_main) or (None if progress is None else not progress))
     # The losses' value checks read a number from the device each call; on CUDA that would wait for the queued step
     # every step, so they are off there: the labels were checked when loaded, and a non-finite loss still stops the
     # run at the next flush (naming its step), before any checkpoint of a later step is written.
@@ -362,76 +339,101 @@ def _train(config: TrainConfig, data: Splits, out: Path | None, resume: bool, pr
     began = time.perf_counter()
     pending: list[Tensor] = []  # losses of the steps since the last flush, still on the device
     last_loss: float | None = None
-    net.train()
+    s.net.train()
     try:
-        for step in range(start, config.steps):
+        for step in range(s.start, config.steps):
             lr = learning_rate(config, step)
-            for group in optimizer.param_groups:
+            for group in s.optimizer.param_groups:
                 group["lr"] = lr
             idx = batch_indices(len(x), config.batch_size, step, config.seed, device)
-            if ctx.world_size > 1:
+            if s.ctx.world_size > 1:
                 idx = idx[shard]
-            logits = net(x.index_select(0, idx))  # index_select: several times faster than x[idx] on CPU
-            try:
-                with value_checks(check_values):
-                    loss = distributed.batch_loss(loss_fn, logits, y.index_select(0, idx))
-            except ValueError as err:  # the losses refuse non-finite logits: training diverged at this step
-                if bool(torch.isfinite(logits).all()):
-                    raise
-                if ctx.world_size == 1:
-                    _flush(pending, step, config)  # an earlier non-finite loss is the first failure
-                raise FloatingPointError(f"the logits became non-finite at step {step} (steps count from 0; "
-                                         f"loss {config.loss}, lr={lr:g}, base lr={config.lr:g}); no checkpoint "
-                                         "was written after it") from err
-            optimizer.zero_grad(set_to_none=True)
+            loss = _step_loss(s, x.index_select(0, idx), y.index_select(0, idx), step, lr, pending, check_values)
+            s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            s.optimizer.step()
             pending.append(loss.detach())
             bar.update(1)
             done = step + 1
             row_due = done % log_every == 0 or done == config.steps
-            checkpoint_due = out is not None and done % checkpoint_every == 0 and done < config.steps
+            checkpoint_due = s.out is not None and done % checkpoint_every == 0 and done < config.steps
             if not (row_due or checkpoint_due):
                 continue
             # One device→host copy per flush (not per step); a non-finite loss is caught here, before any
             # checkpoint of a later step is written.
-            window += _flush(pending, done, config)
+            s.window += _flush(pending, done, config)
             pending = []
-            elapsed = elapsed_before + time.perf_counter() - began
+            elapsed = s.elapsed_before + time.perf_counter() - began
             if row_due:
-                last_loss = sum(window) / len(window)
+                last_loss = sum(s.window) / len(s.window)
                 if log is not None:
                     log.append({"step": done, "loss": last_loss, "lr": lr, "elapsed_s": round(elapsed, 3)})
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 if done % log_every == 0:
-                    window = []  # a final partial window stays open, so that a later resume can extend it
+                    s.window = []  # a final partial window stays open, so that a later resume can extend it
             if checkpoint_due:
-                _check_finite_weights(model, done)  # on every rank: they hold the same weights, all stop alike
-                if writes:
-                    _save_checkpoint(out, model, optimizer, config, done, window, elapsed, ctx.world_size)
+                _check_finite_weights(s.model, done)  # on every rank: they hold the same weights, all stop alike
+                if s.writes:
+                    _save_checkpoint(s.out, s.model, s.optimizer, config, done, s.window, elapsed,
+                                     s.ctx.world_size)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    seconds = time.perf_counter() - began
-    result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
-                              "final_train_loss": last_loss, "world_size": ctx.world_size}
-    if out is not None:
-        _check_finite_weights(model, config.steps)
-    if not ctx.is_main:
-        return model, result
-    for split in eval_splits:
-        ex, ey = data.split(split)
-        result[split] = evaluate_model(model, ex, ey, device=str(device), softmax_scale=softmax_scale(config))
-    if out is not None:
-        write_json(out / "metrics.json", result)
-        _save_checkpoint(out, model, optimizer, config, config.steps, window,
-                         elapsed_before + seconds, ctx.world_size)
-        # Thresholds for single-logit decisions, calibrated on the validation split and saved with the checkpoint.
-        from .classifier import calibrate_run
+    return last_loss
 
-        calibrate_run(out, data=data, device=device)
+
+def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pending: list[Tensor],
+               check_values: bool) -> Tensor:
+    """The loss of one step (over the global batch where the loss needs it); non-finite logits are reported
+    as the step where training diverged."""
+    logits = s.net(xb)  # xb came from index_select: several times faster than x[idx] on CPU
+    try:
+        with value_checks(check_values):
+            return distributed.batch_loss(s.loss_fn, logits, yb)
+    except ValueError as err:  # the losses refuse non-finite logits: training diverged at this step
+        if bool(torch.isfinite(logits).all()):
+            raise
+        if s.ctx.world_size == 1:
+            _flush(pending, step, s.config)  # an earlier non-finite loss is the first failure
+        raise FloatingPointError(f"the logits became non-finite at step {step} (steps count from 0; "
+                                 f"loss {s.config.loss}, lr={lr:g}, base lr={s.config.lr:g}); no checkpoint "
+                                 "was written after it") from err
+
+
+def _finish(s: _Session, seconds: float, last_loss: float | None,
+            eval_splits: tuple[str, ...]) -> tuple[SLCModel, dict[str, Any]]:
+    """Evaluate on ``eval_splits`` and write the final checkpoint, ``metrics.json`` and ``thresholds.json``."""
+    config, model = s.config, s.model
+    result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
+                              "final_train_loss": last_loss, "world_size": s.ctx.world_size}
+    if s.out is not None:
+        _check_finite_weights(model, config.steps)
+    if not s.ctx.is_main:
+        return model, result
+    device = str(s.ctx.device)
+    for split in eval_splits:
+        ex, ey = s.data.split(split)
+        result[split] = evaluate_model(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
+    if s.out is not None:
+        write_json(s.out / METRICS, result)
+        _save_checkpoint(s.out, model, s.optimizer, config, config.steps, s.window,
+                         s.elapsed_before + seconds, s.ctx.world_size)
+        _write_thresholds(s)
     return model, result
+
+
+def _write_thresholds(s: _Session) -> None:
+    """Thresholds for single-logit decisions (precision 0.99), calibrated on the validation split from the logits
+    a single-logit decision computes (:meth:`~logitsep.heads.Head.logit_columns`), saved with the checkpoint and
+    tied to it by the SHA-256 of ``model.safetensors``."""
+    x, y = s.data.split("valid")
+    h = s.model.embed_in_batches(x, device=s.ctx.device)
+    scores = s.model.head.logit_columns(h).float().cpu()
+    th = calibrate_scores(scores, y.cpu(), class_names=s.data.class_names)
+    th.model = {"sha256": hashlib.sha256((s.out / WEIGHTS).read_bytes()).hexdigest(), "step": s.config.steps}
+    th.target.update(split="valid", trained_on=s.config.train_split)
+    th.save(s.out / THRESHOLDS)
 
 
 def _check_finite_weights(model: nn.Module, done: int) -> None:

@@ -1,54 +1,21 @@
-"""What every benchmark shares: the environment record, a robust timer and the result writer."""
+"""What every benchmark shares: robust timers, paired ratios and the result writer (with the environment
+record of :mod:`logitsep.core.provenance`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .._io import write_csv, write_json
-
-_STEADY = [False]
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    """Machine and library versions, recorded next to every benchmark figure."""
-    env = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "steady_allocator": _STEADY[0],
-    }
-    return env
+from ..core.files import write_csv, write_json
+from ..core.provenance import STEADY_ALLOCATOR, command_line, environment
 
 
 def steady_allocator() -> bool:
@@ -68,19 +35,9 @@ def steady_allocator() -> bool:
         return False
     libc = ctypes.CDLL(name)
     m_trim_threshold, m_mmap_threshold = -1, -3
-    _STEADY[0] = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    return _STEADY[0]
-
-
-def command_line() -> str:
-    """The command as the user typed it: ``logitsep ...`` for the console script, ``python -m module ...``."""
-    argv = list(sys.argv)
-    original = list(getattr(sys, "orig_argv", []))
-    if "-m" in original:
-        argv = ["python", *original[original.index("-m"):]]
-    elif argv and Path(argv[0]).name == "logitsep":
-        argv[0] = "logitsep"
-    return " ".join(shlex.quote(a) for a in argv)
+    STEADY_ALLOCATOR[0] = (bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+                           and bool(libc.mallopt(m_trim_threshold, 1 << 30)))
+    return STEADY_ALLOCATOR[0]
 
 
 def sync(device: torch.device | str | None = None) -> None:

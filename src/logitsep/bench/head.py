@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ..core.tables import text_table
 from ..heads import LinearHead
-from ..report import text_table
 from ._common import add_threads_argument, apply_threads, environment, steady_allocator, time_call
 
 

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .._io import _json_default
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
 from ._common import write_results
 
 TARGETS_MS = {"query": 20.0, "search": 50.0}  # p99 targets of issue 6 on the 2-core development machine
@@ -73,7 +74,6 @@ def prefill(run: Path, folder: Path, n: int, seed: int = 0, chunk: int = 4096) -
 
     from ..classifier import SingleLogitClassifier
     from ..data import load_dataset
-    from ..search import item_vectors
     from ..serve.service import Service
 
     classifier = SingleLogitClassifier.from_run(run)
@@ -83,7 +83,7 @@ def prefill(run: Path, folder: Path, n: int, seed: int = 0, chunk: int = 4096) -
     with torch.inference_mode():
         for start in range(0, n, chunk):
             h = classifier.embed(x[torch.from_numpy(rows[start:start + chunk])])
-            service.index.append(item_vectors(service.head, h).float().numpy())
+            service.index.append(service.head.item_vectors(h).float().numpy())
     total = len(service.index)
     service.close()  # the server takes the writer's lock next
     return total, _pngs(classifier.config.dataset, classifier.input_shape, 256), classifier.num_classes
@@ -91,7 +91,8 @@ def prefill(run: Path, folder: Path, n: int, seed: int = 0, chunk: int = 4096) -
 
 def _pngs(dataset: str, input_shape: tuple[int, ...], count: int) -> list[str]:
     """Base64 PNGs of the first ``count`` test images of ``dataset``."""
-    from ..serve.service import dataset_images, encode_png
+    from ..core.images import encode_png
+    from ..serve.service import dataset_images
 
     images = dataset_images(dataset, "test", input_shape)[:count]
     return [base64.b64encode(encode_png(img)).decode() for img in images]
@@ -151,12 +152,7 @@ async def _drive(base: str, clients: int, seconds: float, warmup: float, mix: di
 
 
 def _plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .._io import atomic_write
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for op in ("health", "query", "search", "ingest"):
@@ -174,9 +170,7 @@ def _plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def run_load(run: str | Path, out: str | Path, *, prefill_items: int = 100_000, clients: int = 4,
@@ -312,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench load``."""
-    from ..report import text_table
+    from ..core.tables import text_table
 
     run = args.run
     if run is None:
@@ -323,7 +317,7 @@ def cli(args: argparse.Namespace) -> int:
                       warmup=args.warmup, mix=args.mix, batch=args.batch, top_k=args.top_k, threads=args.threads,
                       seed=args.seed, score_cache_mb=args.score_cache)
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
     else:
         print(text_table([[r["endpoint"], r["requests"], r["errors"], f"{r['throughput_rps']:.1f}",
                            f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import _json_default
-from ..losses import LOSSES, get_loss
-from ..report import text_table
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
+from ..losses import LOSSES, get_loss, loss_spec
 from ._common import alternating_rounds, environment, paired_ratio, ratio_quartiles, steady_allocator, write_results
 
 PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
@@ -55,7 +56,7 @@ def run(batch: int = 256, k: int = 1000, rounds: int = 41, out: str | Path | Non
     rows = []
     for name in sorted(LOSSES):
         loss_fn = get_loss(name, **LOSS_KWARGS.get(name, {}))
-        if getattr(loss_fn, "expects_cosines", False):
+        if loss_spec(name).inputs == "cosines":
             # The cosine losses take a softmax of scale·cos: the baseline is cross-entropy on those same logits
             # (logits in ±scale make exp() produce subnormal numbers, which slows CE itself several-fold on CPU).
             inputs, scale = cosines, float(loss_fn.scale)
@@ -88,13 +89,8 @@ def run(batch: int = 256, k: int = 1000, rounds: int = 41, out: str | Path | Non
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
-
-    from .._io import atomic_write
 
     rows = sorted(rows, key=lambda r: r["ratio_to_ce"])
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.5))
@@ -116,8 +112,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Loss speed relative to cross-entropy (dashed: targets 2x, 10x;\nbars: median of per-round ratios, "
                  "whiskers: quartiles)", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -142,7 +137,7 @@ def cli(args: argparse.Namespace) -> int:
             raise ValueError(f"{label} must be at least {least}, got {value}")
     result = run(batch=args.batch, k=args.k, rounds=args.rounds, out=f"{args.out}/loss_speed")
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     print(text_table([[r["loss"], f"{r['loss_us']:.0f}", f"{r['ce_us']:.0f}", f"{r['ratio_to_ce']:.2f}",
                        "–" if r["target"] is None else f"≤ {r['target']:g}"] for r in result["rows"]],

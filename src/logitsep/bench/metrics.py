@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .._io import _json_default, atomic_write
-from ..metrics import _transpose, slc_metrics
-from ..report import text_table
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
+from ..metrics import contiguous_transpose, slc_metrics
 from ._common import interleaved, write_results
 
 TARGET_RATIO = 3.0
@@ -34,11 +35,11 @@ TARGET_RATIO = 3.0
 def _bench_dtype(n: int, k: int, dtype: str, repeat: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     scores = rng.standard_normal((n, k), dtype=np.float64).astype(dtype)
     target = rng.integers(0, k, size=n)
-    columns = _transpose(scores)
+    columns = contiguous_transpose(scores)
     fns: dict[str, Callable[[], object]] = {
         "np.sort (lower bound)": lambda: np.sort(scores, axis=None),
         "slc_metrics": lambda: slc_metrics(scores, target),
-        "  transpose to [k, n]": lambda: _transpose(scores),
+        "  transpose to [k, n]": lambda: contiguous_transpose(scores),
         "  sort each class column": lambda: np.sort(columns, axis=1),
     }
     times = interleaved(fns, repeat)
@@ -54,13 +55,10 @@ def _bench_dtype(n: int, k: int, dtype: str, repeat: int, rng: np.random.Generat
 
 
 def _plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    plt = pyplot()
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     names = list(dict.fromkeys(r["what"] for r in rows))
-    fig = Figure(figsize=(7.5, 1.0 + 0.55 * len(names) * len(dtypes)))
-    FigureCanvasAgg(fig)
+    fig = plt.figure(figsize=(7.5, 1.0 + 0.55 * len(names) * len(dtypes)))
     ax = fig.add_subplot()
     height = 0.8 / len(dtypes)
     for j, dtype in enumerate(dtypes):
@@ -75,7 +73,7 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     ax.margins(x=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return save_figure(fig, path, dpi=110)
 
 
 def run(n: int = 10_000, k: int = 1_000, repeat: int = 9, out: str = "results/bench/metrics_speed", seed: int = 0,
@@ -141,7 +139,7 @@ def cli(args: argparse.Namespace) -> int:
     """``logitsep bench metrics``."""
     result = run(n=args.n, k=args.k, out=f"{args.out}/metrics_speed")
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     print(text_table([[r["dtype"], r["what"], f"{r['median_s']:.4f}", f"{r['ratio_to_sort']:.2f}"]
                       for r in result["rows"]], ["dtype", "what", "median seconds", "× np.sort"]))

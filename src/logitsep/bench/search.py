@@ -49,8 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import _json_default, atomic_write
-from ..report import text_table
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
 from ..search import EmbeddingIndex, SearchResult
 from ._common import environment, paired_ratio, steady_allocator, write_results
 
@@ -267,10 +268,7 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
 
 
 def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"tensor.sum": "tab:gray", "torch.mv": "tab:blue", "float32 scan threshold": "tab:orange",
@@ -303,9 +301,7 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Pa
     right.set_ylabel("recall against the exact search")
     right.set_title(f"FAISS IVF, nlist {approx.get('nlist')}, {summary['classes']} classes", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,7 +332,7 @@ def cli(args: argparse.Namespace) -> int:
         keys = ["items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio", "bandwidth_ratio", "screened",
                 "float32_scan_torch_ratio", "float32_scan_bandwidth_ratio", "float32_equivalent_bandwidth_ratio",
                 "exact_ms_per_query", "exact_batched_ms_per_query", "approximate", "targets"]
-        print(json.dumps({k: result[k] for k in keys}, indent=2, default=_json_default))
+        print(json.dumps({k: result[k] for k in keys}, indent=2, default=json_default))
         return 0
     print(text_table([[r["method"], r["nprobe"] if r["nprobe"] is not None else "",
                        f"{r['ms_per_query']:.3f}", "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.1f}",

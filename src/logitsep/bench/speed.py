@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._io import _json_default, atomic_write
-from ..report import text_table
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
 from ._common import (
     add_threads_argument,
     alternating_rounds,
@@ -144,7 +145,7 @@ def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES
         plot: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure every backbone (default: all of ``PAPER``, torchvision ones only if importable) at every ``k``;
     write ``out.{csv,json,png}``. Returns ``{"rows", "skipped", "environment", "files"}``."""
-    from ..data import MissingDependencyError
+    from ..core.extras import MissingDependencyError
 
     for label, value in (("batch", batch), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -181,10 +182,7 @@ def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES
 
 def _plot(rows: list[dict[str, Any]], path: Path, device_name: str) -> Path:
     """Figure 1 of the paper: speed-up of one logit over k logits against k (log₂ axis), the bound dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, name in enumerate(dict.fromkeys(r["backbone"] for r in rows)):
@@ -204,9 +202,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, device_name: str) -> Path:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _int_list(text: str) -> list[int]:
@@ -254,7 +250,7 @@ def cli(args: argparse.Namespace) -> int:
     result = run(backbones=args.backbones, classes=args.classes, batch=args.batch_size, repeats=args.repeats,
                  device=args.device, out=f"{args.out}/speed", log=log)
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     for name, why in result["skipped"].items():
         print(f"skipped {name}: {why}")

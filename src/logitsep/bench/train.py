@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from .._io import _json_default, atomic_write
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
 from ..data import Splits, load_dataset
-from ..losses import get_loss
+from ..losses import get_loss, loss_spec
 from ..models import build_model
-from ..report import text_table
-from ..train import TrainConfig, batch_indices, head_kind, train
+from ..train import TrainConfig, batch_indices, train
 from ._common import interleaved, steady_allocator, sync, write_results
 
 TARGET_RATIO = 0.9
@@ -56,7 +57,7 @@ def _bare(config: TrainConfig, data: Splits) -> Callable[[], None]:
 
     def run() -> None:
         torch.manual_seed(config.seed)
-        model = build_model(config.model, data.input_shape, data.num_classes, head=head_kind(config.loss),
+        model = build_model(config.model, data.input_shape, data.num_classes, head=loss_spec(config.loss).head,
                             scale=config.head_scale).to(config.device)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -131,11 +132,8 @@ def run(dataset: str = "mnist", losses: Sequence[str] = ("ce", "batch_ce"), mode
 
 
 def _plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 1.4 + 0.7 * len(rows)))
-    FigureCanvasAgg(fig)
+    plt = pyplot()
+    fig = plt.figure(figsize=(7, 1.4 + 0.7 * len(rows)))
     ax = fig.add_subplot()
     height = 0.38
     ys = range(len(rows))
@@ -154,7 +152,7 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_title(f"Trainer vs bare PyTorch loop (target ratio >= {TARGET_RATIO})", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return save_figure(fig, path, dpi=110)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +175,7 @@ def cli(args: argparse.Namespace) -> int:
                  lr=args.lr, rounds=args.rounds, device=args.device, threads=args.threads or None,
                  out=f"{args.out}/train_speed")
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     print(text_table([[r["loss"], f"{r['trainer_steps_per_s']:.1f}", f"{r['bare_steps_per_s']:.1f}",
                        f"{r['ratio']:.3f}", f"{r['overhead_us_per_step']:.0f}", "yes" if r["meets_target"] else "NO"]

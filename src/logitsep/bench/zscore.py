@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from .._io import _json_default, atomic_write
+from ..core.files import json_default
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
 from ..heads import LinearHead
 from ..losses.spherical import z_score
-from ..report import text_table
 from ._common import add_threads_argument, apply_threads, steady_allocator, sync, time_call, write_results
 
 
@@ -67,11 +68,8 @@ def _bench_k(k: int, d: int, batch: int, device: torch.device, repeat: int, seed
 
 
 def _plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2))
-    FigureCanvasAgg(fig)
+    plt = pyplot()
+    fig = plt.figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
     ks = [r["k"] for r in rows]
     full = [1e6 * r["zscore_all_logits_s_per_example"] for r in rows]
@@ -90,7 +88,7 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return save_figure(fig, path, dpi=110)
 
 
 def run(ks_log2: Sequence[int] = (10, 12, 14, 16, 18), d: int = 256, batch: int = 32, device: str = "cpu",
@@ -136,7 +134,7 @@ def cli(args: argparse.Namespace) -> int:
     result = run(ks, d=args.d, batch=args.batch, device=args.device, repeat=args.repeat,
                  out=f"{args.out}/zscore_speed")
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     print(text_table([[r["k"], f"{1e6 * r['zscore_all_logits_s_per_example']:.2f}",
                        f"{1e6 * r['zscore_cached_s_per_example']:.2f}", f"{r['speedup']:.1f}", f"{r['stats_s']:.3f}",

@@ -4,13 +4,15 @@
 >>> loss_fn = get_loss("batch_ce")
 >>> loss_fn.pols_aligned
 True
+>>> loss_spec("batch_ce").global_batch  # what else logitsep knows of a loss: one LossSpec each
+True
 
 Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin), ``binary`` (bce, nce),
 ``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss), ``topk`` (smooth_topk_svm),
 ``cosine`` (cosface, arcface, elasticface, norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
 """
 
-from ._checks import value_checks, value_checks_enabled
+from ..core.checks import value_checks, value_checks_enabled
 from .batch import BatchCrossEntropyLoss, BatchMaxMarginLoss, batch_cross_entropy, batch_max_margin
 from .binary import BinaryCrossEntropyLoss, NCELoss, binary_cross_entropy, nce
 from .cosine import (
@@ -26,7 +28,7 @@ from .cosine import (
     norm_softmax,
 )
 from .margin import MaxMarginLoss, max_margin
-from .registry import LOSSES, get_loss, register
+from .registry import LOSS_SPECS, LOSSES, LossSpec, get_loss, loss_spec, register
 from .softmax import (
     CrossEntropyLoss,
     DecoupledSoftmaxLoss,
@@ -40,6 +42,9 @@ from .topk import SmoothTopkSVMLoss, smooth_topk_svm
 
 __all__ = [
     "LOSSES",
+    "LOSS_SPECS",
+    "LossSpec",
+    "loss_spec",
     "ArcFaceLoss",
     "CosFaceLoss",
     "ElasticFaceLoss",

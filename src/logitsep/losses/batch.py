@@ -11,14 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._checks import (
-    check_batch_size,
-    check_logits,
-    check_positive,
-    check_reduction,
-    check_target,
-)
-from .binary import _sum_at_positives
+from ..core.checks import check_batch_size, check_logits, check_positive, check_reduction, check_target
+from .common import sum_at_positives
 from .margin import true_and_largest_false
 from .registry import register
 
@@ -45,7 +39,7 @@ def batch_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean")
     # logsumexp and a separate gather cost twice as much here, forward and backward, for the same values)
     log_q = torch.log_softmax(z.reshape(1, -1), dim=1).view_as(z)
     positives_per_row = t.sum(dim=1).to(z.dtype) if t.dim() == 2 else 1  # class indices: one per row
-    per_row = -_sum_at_positives(log_q, t) - positives_per_row * math.log(n_pos)
+    per_row = -sum_at_positives(log_q, t) - positives_per_row * math.log(n_pos)
     if reduction == "none":
         return per_row
     total = per_row.sum()
@@ -73,11 +67,9 @@ def batch_max_margin(logits: Tensor, target: Tensor, margin: float = 1.0, reduct
     return total / z.shape[0] if reduction == "mean" else total
 
 
-@register("batch_ce", pols_aligned=True)
+@register("batch_ce", pols_aligned=True, functional=batch_cross_entropy, multilabel=True, global_batch=True)
 class BatchCrossEntropyLoss(nn.Module):
     """Module form of :func:`batch_cross_entropy`."""
-
-    couples_examples = True  # its value couples the examples of a batch: data-parallel training gathers them
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
@@ -87,11 +79,9 @@ class BatchCrossEntropyLoss(nn.Module):
         return batch_cross_entropy(logits, target, reduction=self.reduction)
 
 
-@register("batch_max_margin", pols_aligned=True)
+@register("batch_max_margin", pols_aligned=True, functional=batch_max_margin, global_batch=True)
 class BatchMaxMarginLoss(nn.Module):
     """Module form of :func:`batch_max_margin`."""
-
-    couples_examples = True  # z₊ and z₋ are taken over the whole batch
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.checks import check_logits, check_positive, check_reduction, check_target
 from . import _fused
-from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from .common import reduce, sum_at_positives
 from .registry import register
 
 
@@ -112,13 +113,6 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     return reduce(per_row, reduction)
 
 
-def _sum_at_positives(values: Tensor, target: Tensor) -> Tensor:
-    """Per row, the sum of ``values`` over the positive classes (class indices or a boolean matrix)."""
-    if target.dim() == 1:
-        return values.gather(1, target[:, None]).squeeze(1)
-    return (values * target).sum(dim=1)
-
-
 def _check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """The noise distribution ``q`` as a float64-checked probability vector of length ``k`` (uniform if None),
     returned in ``dtype`` (the logits' compute dtype, so float64 logits get a float64 ``q``)."""
@@ -191,7 +185,7 @@ def nce(
     if target.dim() == 1:
         data_term = F.softplus(log_tq[target] - z.gather(1, target[:, None]).squeeze(1))
     else:
-        data_term = _sum_at_positives(F.softplus(log_tq - z), target)
+        data_term = sum_at_positives(F.softplus(log_tq - z), target)
     if not sampled:
         # −t·E_q log(1 − g_j) = t·Σ_j q_j·softplus(s_j); a class with q_j = 0 adds 0·(finite) = 0.
         noise_term = num_noise * _SoftplusRows.apply(z, log_tq, q, None)
@@ -206,7 +200,7 @@ def nce(
     return reduce(data_term + n_pos.to(z.dtype) * noise_term, reduction)
 
 
-@register("bce", pols_aligned=True)
+@register("bce", pols_aligned=True, functional=binary_cross_entropy, multilabel=True)
 class BinaryCrossEntropyLoss(nn.Module):
     """Module form of :func:`binary_cross_entropy`."""
 
@@ -218,7 +212,8 @@ class BinaryCrossEntropyLoss(nn.Module):
         return binary_cross_entropy(logits, target, reduction=self.reduction)
 
 
-@register("nce", pols_aligned=True)
+@register("nce", pols_aligned=True, functional=nce, multilabel=True,
+          global_batch=lambda loss: loss.sampled)  # sampled NCE draws noise classes for every example
 class NCELoss(nn.Module):
     """Module form of :func:`nce`. ``noise`` is a buffer, so it follows ``.to(device)`` and the state dict
     (``.half()`` casts it too: very small probabilities may round to 0 there; keep the loss in float32)."""
@@ -244,13 +239,6 @@ class NCELoss(nn.Module):
         self.sampled = bool(sampled)
         self.generator = generator
         self.reduction = check_reduction(reduction, "nce")
-
-    @property
-    def couples_examples(self) -> bool:
-        """Sampled NCE draws noise classes for every example of the batch. Under distributed training it is
-        therefore computed on the global batch (``logitsep.distributed`` gathers it): every rank then makes the
-        draws one process would make, instead of each rank repeating the same draws for its own shard."""
-        return self.sampled
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return nce(logits, target, num_noise=self.num_noise, noise=self.noise, sampled=self.sampled,

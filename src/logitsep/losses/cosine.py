@@ -14,7 +14,7 @@ in which the target cosine of each row may be penalised by a margin:
 Cosines are validated to lie in ``[−1, 1]`` up to a rounding tolerance (:data:`COSINE_TOLERANCE`, or two
 machine epsilons of a half-precision input) and clamped into the interval. float16 / bfloat16 are computed in
 float32. PoLS alignment is not established for any of them (``pols_aligned = None``): the project measures it.
-Their modules carry ``expects_cosines = True``, which tells the training code to end the model with a cosine head.
+They are registered with ``inputs="cosines"``, which tells the training code to end the model with a cosine head.
 
 Two traps of the public reference code are handled here (see :func:`arc_margin` and :func:`elastic_margins`):
 the angle ``θ + m`` passing ``π`` and the infinite slope of ``acos`` at ``±1`` (ArcFace), and the gathered
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_positive, check_reduction, check_target, value_checks_enabled
+from ..core.checks import check_logits, check_positive, check_reduction, check_target, value_checks_enabled
 from .registry import register
 
 #: Values outside ``[−1, 1]`` by at most this much are treated as rounding and clamped (float32 / float64
@@ -310,11 +310,9 @@ def elasticface(
 # -------------------------------------------------------------------------------------------------- modules
 
 
-@register("norm_softmax", pols_aligned=None)
+@register("norm_softmax", pols_aligned=None, functional=norm_softmax, inputs="cosines")
 class NormSoftmaxLoss(nn.Module):
     """Module form of :func:`norm_softmax`; called as ``loss(cosines, target)``."""
-
-    expects_cosines = True  # the training code pairs it with a CosineHead
 
     def __init__(self, scale: float = 64.0, reduction: str = "mean") -> None:
         super().__init__()
@@ -328,11 +326,9 @@ class NormSoftmaxLoss(nn.Module):
         return f"scale={self.scale}"
 
 
-@register("cosface", pols_aligned=None)
+@register("cosface", pols_aligned=None, functional=cosface, inputs="cosines")
 class CosFaceLoss(nn.Module):
     """Module form of :func:`cosface`; called as ``loss(cosines, target)``."""
-
-    expects_cosines = True  # the training code pairs it with a CosineHead
 
     def __init__(self, scale: float = 64.0, margin: float = 0.35, reduction: str = "mean") -> None:
         super().__init__()
@@ -347,11 +343,9 @@ class CosFaceLoss(nn.Module):
         return f"scale={self.scale}, margin={self.margin}"
 
 
-@register("arcface", pols_aligned=None)
+@register("arcface", pols_aligned=None, functional=arcface, inputs="cosines")
 class ArcFaceLoss(nn.Module):
     """Module form of :func:`arcface`; called as ``loss(cosines, target)``."""
-
-    expects_cosines = True  # the training code pairs it with a CosineHead
 
     def __init__(self, scale: float = 64.0, margin: float = 0.5, reduction: str = "mean") -> None:
         super().__init__()
@@ -366,23 +360,14 @@ class ArcFaceLoss(nn.Module):
         return f"scale={self.scale}, margin={self.margin}"
 
 
-@register("elasticface", pols_aligned=None)
+@register("elasticface", pols_aligned=None, functional=elasticface, inputs="cosines",
+          global_batch=lambda loss: loss.plus or loss.std > 0)  # ranks the batch (+), or draws margins
 class ElasticFaceLoss(nn.Module):
     """Module form of :func:`elasticface`; called as ``loss(cosines, target)``.
 
     ``margin`` and ``std`` left at ``None`` are resolved to the paper's defaults for ``variant`` and ``plus``
     at construction (see :func:`elasticface`). ``generator`` (kept as an attribute, not state) drives the draws.
     """
-
-    expects_cosines = True  # the training code pairs it with a CosineHead
-
-    @property
-    def couples_examples(self) -> bool:
-        """Whether distributed training computes this loss on the global batch (``logitsep.distributed`` gathers
-        it). ElasticFace+ ranks the samples of the batch to assign margins; and with ``std > 0`` every example
-        draws a random margin, which on the global batch are the draws one process would make (per shard, every
-        rank would repeat the same draws for its own examples). Only ``std = 0`` is a plain per-example loss."""
-        return self.plus or self.std > 0
 
     def __init__(
         self,

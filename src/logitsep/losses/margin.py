@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from ..core.checks import check_logits, check_positive, check_reduction, check_target
+from .common import reduce
 from .registry import register
 
 
@@ -33,7 +34,7 @@ def max_margin(logits: Tensor, target: Tensor, margin: float = 1.0, reduction: s
     return reduce(torch.clamp_min(margin - true_logit + false_max, 0.0), reduction)
 
 
-@register("max_margin", pols_aligned=False)
+@register("max_margin", pols_aligned=False, functional=max_margin)
 class MaxMarginLoss(nn.Module):
     """Module form of :func:`max_margin`."""
 

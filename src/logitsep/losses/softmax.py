@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from ..core.checks import check_logits, check_positive, check_reduction, check_target
+from .common import reduce
 from .registry import register
 
 
@@ -63,7 +64,7 @@ def decoupled_softmax(logits: Tensor, target: Tensor, reduction: str = "mean") -
     return reduce(per_row, reduction)
 
 
-@register("ce", pols_aligned=False)
+@register("ce", pols_aligned=False, functional=cross_entropy)
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`cross_entropy`."""
 
@@ -75,7 +76,7 @@ class CrossEntropyLoss(nn.Module):
         return cross_entropy(logits, target, reduction=self.reduction)
 
 
-@register("self_norm", pols_aligned=True)
+@register("self_norm", pols_aligned=True, functional=self_normalization)
 class SelfNormalizationLoss(nn.Module):
     """Module form of :func:`self_normalization`."""
 
@@ -91,7 +92,7 @@ class SelfNormalizationLoss(nn.Module):
         return f"alpha={self.alpha}"
 
 
-@register("decoupled_softmax", pols_aligned=None)
+@register("decoupled_softmax", pols_aligned=None, functional=decoupled_softmax, multilabel=True)
 class DecoupledSoftmaxLoss(nn.Module):
     """Module form of :func:`decoupled_softmax`."""
 

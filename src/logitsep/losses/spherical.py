@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from ..core.checks import check_logits, check_positive, check_reduction, check_target
+from .common import reduce
 from .registry import register
 
 
@@ -63,7 +64,7 @@ def z_loss(logits: Tensor, target: Tensor, a: float = 1.0, b: float = 2.0, reduc
     return reduce(F.softplus(a * (b - z_score(z, y))) / a, reduction)
 
 
-@register("z_loss", pols_aligned=None)
+@register("z_loss", pols_aligned=None, functional=z_loss)
 class ZLoss(nn.Module):
     """Module form of :func:`z_loss`."""
 

@@ -45,7 +45,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_positive, check_reduction, check_target, reduce
+from ..core.checks import check_logits, check_positive, check_reduction, check_target
+from .common import reduce
 from .registry import register
 
 NAME = "smooth_topk_svm"
@@ -422,7 +423,7 @@ def smooth_topk_svm(
     return reduce(per_example, reduction)
 
 
-@register(NAME, pols_aligned=None)
+@register(NAME, pols_aligned=None, functional=smooth_topk_svm)
 class SmoothTopkSVMLoss(nn.Module):
     """Module form of :func:`smooth_topk_svm`. PoLS alignment not established (``pols_aligned = None``)."""
 

@@ -14,6 +14,10 @@ from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Annotated, Any
 
+from ..core.extras import require
+
+require("fastapi")  # without it: one line naming the [serve] extra, not a traceback
+
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -23,7 +27,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .service import MAX_IMAGES, BadInput, Service, decode_base64
+from .requests import MAX_IMAGES, BadInput, decode_base64
+from .service import Service
 
 MAX_BODY = 8 << 20  # bytes per request body
 STATIC = files("logitsep.serve") / "static"
@@ -170,7 +175,17 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
     app = FastAPI(title="logitsep", summary="single-logit class search over a live stream of images",
                   description=__doc__, version="0.1.0", lifespan=lifespan)
     app.state.service = service
-    bearer = HTTPBearer(auto_error=False, description="required on /ingest when the server runs with --token")
+    _add_error_handlers(app)
+    app.add_middleware(Guard, max_bytes=max_body)
+    _add_read_routes(app, service)
+    _add_write_routes(app, service, _authorizer(token))
+    _add_stream_route(app, service, heartbeat)
+    _add_page_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is ``{"error": "..."}`` with its 4xx status."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -185,7 +200,10 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
     async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
-    app.add_middleware(Guard, max_bytes=max_body)
+
+def _authorizer(token: str | None) -> Callable[..., None]:
+    """The dependency that checks ``Authorization: Bearer <token>`` (nothing when the server has no token)."""
+    bearer = HTTPBearer(auto_error=False, description="required on /ingest when the server runs with --token")
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if token is None:
@@ -194,8 +212,15 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    ClassId = Annotated[int, Query(description="class id, 0..k-1 (see /classes)")]
-    Threshold = Annotated[float | None, Query(allow_inf_nan=False, description="default: the global threshold")]
+    return authorize
+
+
+ClassId = Annotated[int, Query(description="class id, 0..k-1 (see /classes)")]
+Threshold = Annotated[float | None, Query(allow_inf_nan=False, description="default: the global threshold")]
+
+
+def _add_read_routes(app: FastAPI, service: Service) -> None:
+    """``/health``, ``/stats``, ``/classes``, ``/search``, ``/query``."""
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, str]:
@@ -226,11 +251,19 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
         # Handing it to a worker thread costs a thread wake-up, which on a loaded 2-core machine is the tail.
         return service.query(body.class_id, png, body.threshold)
 
+
+def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None]) -> None:
+    """``/ingest`` (bearer token when the server has one)."""
+
     @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=[Depends(authorize)])
     async def ingest(body: IngestRequest) -> Any:
         """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
         return await service.ingest_async(pngs)
+
+
+def _add_stream_route(app: FastAPI, service: Service, heartbeat: float) -> None:
+    """``/stream``: server-sent events."""
 
     @app.get("/stream", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
              response_class=StreamingResponse)
@@ -260,6 +293,10 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+def _add_page_routes(app: FastAPI, service: Service) -> None:
+    """Item images, the live page and its static files."""
+
     @app.get("/items/{item_id}.png", response_class=Response, responses={200: {"content": {"image/png": {}}},
                                                                           404: {"model": Error}})
     async def item_image(item_id: int) -> Response:
@@ -281,4 +318,3 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    return app

@@ -1,4 +1,4 @@
-"""The ``logitsep serve`` command: load a run and an index (or the demo), then run uvicorn."""
+"""``logitsep serve RUN | --demo``: the web service (JSON API, OpenAPI at /docs) and the live page at /."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+HELP = ("serve a trained run: JSON API (OpenAPI at /docs), live page at /, class search over ingested images; "
+        "--demo feeds MNIST test images")
 DEFAULT_WORKDIR = "~/.cache/logitsep/demo"
 
 
@@ -40,18 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"where the demo run is cached ({DEFAULT_WORKDIR})")
 
 
-def build(run: str | Path, index: str | Path, *, token: str | None = None, max_body: int = 8 << 20,
-          device: str = "cpu", tasks: list | None = None, heartbeat: float = 15.0, score_cache_mb: int = 256) -> Any:
-    """The FastAPI app serving ``run`` over the serve folder ``index``."""
-    from ..classifier import SingleLogitClassifier
-    from .app import create_app
-    from .service import Service
-
-    classifier = SingleLogitClassifier.from_run(run, device=device)
-    service = Service(classifier, index, score_cache=score_cache_mb << 20)
-    return create_app(service, token=token, max_body=max_body, heartbeat=heartbeat, tasks=tasks)
-
-
 def run(args: argparse.Namespace) -> int:
     """``logitsep serve``."""
     import torch
@@ -66,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     tasks, cleanup = [], None
     run_dir = Path(args.run) if args.run else None
     if args.demo:
-        from .demo import demo_run, feed
+        from ..serve.demo import demo_run, feed
 
         tasks.append(feed(args.rate, args.limit, log=log))  # checks --rate before any training
         run_dir = run_dir or demo_run(args.workdir, dataset=args.dataset, steps=args.steps, log=log)
@@ -81,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, run_dir: Path, index: str | Path, tasks: list, log: Any) -> int:
-    import uvicorn
+    from ..serve.server import build, serve_forever
 
     app = build(run_dir, index, token=args.token, max_body=args.max_body, device=args.device, tasks=tasks,
                 score_cache_mb=args.score_cache)
@@ -98,15 +87,5 @@ def _serve(args: argparse.Namespace, run_dir: Path, index: str | Path, tasks: li
         log(f"open {url}   (API: {url}docs)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         log("warning: listening beyond this machine without --token: anyone who can reach it can /ingest")
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the previous handlers:
-    # make both a KeyboardInterrupt, so that this returns normally (and the demo's temporary index is removed).
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                    timeout_graceful_shutdown=2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        service.close()
+    serve_forever(app, args.host, args.port, args.log_level)
     return 0

@@ -20,12 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import write_csv, write_json, write_text
+from ..core.files import write_csv, write_json, write_text
+from ..core.keys import HEADERS, SETTING_DEFAULTS, SLC_KEYS
+from ..core.plots import pyplot, save_figure
+from ..core.tables import text_table
 
-METRICS = ("auprc", "precision@0.9", "precision@0.99")
-HEADERS = {"auprc": "1−AUPRC", "precision@0.9": "1−P@0.9", "precision@0.99": "1−P@0.99"}
+METRICS = SLC_KEYS
 SAME = ("dataset", "model", "steps", "batch_size", "weight_decay")  # settings every summarised run must share
-SAME_DEFAULTS = {"weight_decay": 0.0}  # the value of a setting in files written before it was recorded
 DEFAULT_PAIR = (("batch_ce", "single logit"), ("ce", "all logits"))
 
 
@@ -51,7 +52,7 @@ def load_rows(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise ValueError(f"summarize: {path} has no per-loss rows (is it a table2.json?)")
         rows += [{**r, "folder": str(folder)} for r in mine]
     for key in SAME:
-        values = {r.get(key, SAME_DEFAULTS.get(key)) for r in rows}
+        values = {r.get(key, SETTING_DEFAULTS.get(key)) for r in rows}
         if len(values) > 1:
             try:
                 listed = sorted(values)
@@ -113,8 +114,6 @@ def _method(row: dict[str, Any]) -> str:
 def markdown(summary: Sequence[dict[str, Any]], comparison: dict[str, Any] | None, folders: Sequence[str],
              settings: dict[str, Any], command: str) -> str:
     """``table2_seeds.md``: every method's mean ± sd and per-seed values, the comparison, how it was made."""
-    from .report import text_table
-
     header = ["method", "seeds", *(f"{HEADERS[k]} mean ± sd" for k in METRICS),
               *(f"{HEADERS[k]} per seed" for k in METRICS), "accuracy"]
     body = [[_method(r), ",".join(map(str, r["seeds"])),
@@ -138,9 +137,7 @@ def markdown(summary: Sequence[dict[str, Any]], comparison: dict[str, Any] | Non
 
 def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """One panel per metric: every seed's 1 − metric as a dot, the mean as a bar, per method (log scale)."""
-    from .report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
     names = [_method(r) for r in summary]
     for ax, key in zip(axes, METRICS, strict=True):
@@ -153,7 +150,7 @@ def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
         ax.set_title(f"{HEADERS[key]} (lower is better)", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_summary(folders: Sequence[str | Path], out: str | Path, command: str,
@@ -164,7 +161,7 @@ def write_summary(folders: Sequence[str | Path], out: str | Path, command: str,
     summary = summarize(rows)
     comparison = compare(summary, pair)
     out = Path(out)
-    settings = {k: rows[0].get(k, SAME_DEFAULTS.get(k)) for k in SAME}
+    settings = {k: rows[0].get(k, SETTING_DEFAULTS.get(k)) for k in SAME}
     result = {"command": command, "folders": folders, "settings": settings,
               "methods": summary, "comparison": comparison}
     write_json(out / "table2_seeds.json", result)

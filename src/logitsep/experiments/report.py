@@ -10,35 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
-from .metrics import mean_relative_improvement
-
-SLC_KEYS = ("auprc", "precision@0.9", "precision@0.99")
-HEADERS = {"auprc": "1−AUPRC", "precision@0.9": "1−P@0.9", "precision@0.99": "1−P@0.99",
-           "pooled_auprc": "1−pooled AUPRC", "pooled_auroc": "PoLS violations (1−pooled AUROC)",
-           "accuracy": "accuracy"}
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def text_table(rows: Sequence[Sequence[Any]], header: Sequence[str], markdown: bool = False) -> str:
-    """A plain aligned table for terminals, or a GitHub markdown table."""
-    cells = [[_fmt(c) for c in row] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        return "\n".join(lines)
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(header)]
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(out)
+from ..core.keys import HEADERS, SLC_KEYS
+from ..core.plots import decade_below, pyplot, save_figure
+from ..core.ranking import ranked_counts
+from ..core.tables import text_table
+from ..metrics import mean_relative_improvement, per_class_metrics
 
 
 def paper_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False,
@@ -72,10 +48,7 @@ def relative_improvement_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, flo
 def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
              keys: Sequence[str] = ("auprc", "precision@0.99", "pooled_auroc")) -> Path:
     """One panel per metric, 1 − metric on a log axis, bars coloured by PoLS alignment."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     colours = {True: "tab:green", False: "tab:red", None: "tab:gray"}
@@ -85,7 +58,7 @@ def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
         values = [max(1 - r[key], 1e-5) for r in rows]
         ax.barh(names, values, color=[colours[r.get("pols_aligned")] for r in rows])
         ax.set_xscale("log")
-        ax.set_xlim(left=_decade_below(values))
+        ax.set_xlim(left=decade_below(values))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
         ax.set_xlabel(HEADERS[key] + " (lower is better)")
         ax.invert_yaxis()
@@ -95,26 +68,7 @@ def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str,
                frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _true_mask(shape: tuple[int, int], target: np.ndarray) -> np.ndarray:
@@ -123,19 +77,13 @@ def _true_mask(shape: tuple[int, int], target: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _decade_below(values: Sequence[float]) -> float:
-    """The power of ten strictly below the smallest value: where a log-axis bar chart should start, so that the
-    shortest bar keeps a visible length (matplotlib's default margin would start the axis right at it)."""
-    return float(10.0 ** math.floor(math.log10(min(values)) - 1e-9))
-
-
 def separation_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str], aligned: Mapping[str, bool | None],
                     path: str | Path, density: bool = True) -> Path:
     """Small multiples, one per loss: histograms of the true logits (z_y(x)) and the false logits (z_j(x), j ≠ y)
     over the test set on a log axis. ``density=True`` normalises each histogram to unit area; ``False`` keeps the
     raw counts (k − 1 false logits per example), so a handful of overlapping pairs still shows, as in the
     paper's Figure 2. Under the PoLS the two do not overlap: one threshold separates them for every class."""
-    plt = _pyplot()
+    plt = pyplot()
     target = np.asarray(target)
     names = [n for n in order if n in scores]
     cols = min(4, len(names))
@@ -158,7 +106,7 @@ def separation_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str]
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 _WORD = {True: "aligned", False: "not aligned", None: "not established"}
@@ -179,28 +127,20 @@ def pr_curve(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("pr_curve needs at least one positive")
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
-    order = np.argsort(-s, kind="stable")
-    ranked = s[order]
-    tp = np.cumsum(pos[order])
-    last = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(s) - 1]  # end of each group of tied scores
-    return tp[last] / tp[-1], tp[last] / (last + 1)
+    _, tp, taken = ranked_counts(s, pos)
+    return tp / tp[-1], tp / taken
 
 
 def precision_at_recalls(scores: Any, target: Any, recalls: Sequence[float]) -> np.ndarray:
-    """Per class c and recall level r: the precision at the highest threshold whose recall is at least r (the
-    ``precision@r`` of :func:`logitsep.metrics.slc_metrics`). Returns ``[k, len(recalls)]``, NaN rows for classes
-    without positives."""
+    """Per class c and recall level r: the precision at the highest threshold whose recall is at least r, i.e.
+    :func:`logitsep.metrics.per_class_metrics`'s ``precision@r``. Returns ``[k, len(recalls)]``, NaN rows for
+    classes without positives."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(target)
     if s.ndim != 2 or y.shape != (s.shape[0],):
         raise ValueError(f"scores must be [n, k] and target [n], got shapes {s.shape} and {y.shape}")
-    levels = np.asarray(recalls, dtype=np.float64)
-    out = np.full((s.shape[1], len(levels)), np.nan)
-    for c in range(s.shape[1]):
-        if (y == c).any():
-            recall, precision = pr_curve(s[:, c], y == c)
-            out[c] = precision[np.searchsorted(recall, levels, side="left")]
-    return out
+    per_class = per_class_metrics(s, y, recall_levels=tuple(float(r) for r in recalls))
+    return np.stack([per_class[f"precision@{float(r):g}"] for r in recalls], axis=1)
 
 
 def pr_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str], aligned: Mapping[str, bool | None],
@@ -209,7 +149,7 @@ def pr_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str], aligne
     paper's "lower is better"; 0 stays visible). Left: the pooled curve (one threshold for all n·k
     (example, class) pairs: the PoLS view). Right: the mean over classes of the per-class precision at each
     recall (the per-class SLC view behind the AUPRC and precision@r columns). Aligned losses solid, others dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     target = np.asarray(target)
     names = [n for n in order if n in scores]
     grid = np.linspace(0.5, 1.0, 201)
@@ -234,7 +174,7 @@ def pr_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str], aligne
     axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def comparison_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
@@ -242,7 +182,7 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
     its logits (log axis). ``rows``: ``{"loss", "single_logit": {metric: value}, "all_logits": {...}}``."""
     import matplotlib.ticker
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(SLC_KEYS), figsize=(4.2 * len(SLC_KEYS), 0.5 * len(rows) + 1.8), sharey=True)
     y = np.arange(len(rows))
     for ax, key in zip(axes, SLC_KEYS, strict=True):
@@ -254,7 +194,7 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
             lowest += values
         ax.set_yticks(y, [r["loss"] for r in rows])
         ax.set_xscale("log")
-        ax.set_xlim(left=_decade_below(lowest))
+        ax.set_xlim(left=decade_below(lowest))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
         ax.set_xlabel(HEADERS[key] + " (lower is better)")
         ax.grid(axis="x", alpha=0.3)
@@ -263,7 +203,7 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
     fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return _save(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def _paper_value(paper: Mapping[str, Sequence[float]] | None, name: str, i: int) -> str:

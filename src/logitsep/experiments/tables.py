@@ -1,32 +1,27 @@
-"""The paper's experiments on one dataset: train each loss, pick the learning rate by validation accuracy,
-report test SLC metrics (Keren, Sabato & Schuller, ICDM 2018, Section VI-A/B, Tables I and II).
-
-``run_losses`` is shared by ``logitsep reproduce table1|table2|alignment`` and the demo;
-``reproduce_table1`` / ``reproduce_table2`` write the tables, their CSV/JSON and the figures.
+"""The paper's tables on one dataset, written with their figures and how they were made:
+``logitsep reproduce table1 | table2 | alignment`` (Keren, Sabato & Schuller, ICDM 2018, Tables I and II).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import multiprocessing
 import shlex
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ._io import atomic_write, write_csv, write_json, write_text
-from .bench._common import command_line, environment
-from .data import Splits, load_dataset
-from .losses import LOSSES
-from .metrics import all_logits_scores, slc_metrics
+from ..core.files import atomic_write, write_csv, write_json, write_text
+from ..core.keys import ROW_KEYS, SETTING_DEFAULTS, SETTING_KEYS, SLC_KEYS
+from ..core.provenance import command_line, environment
+from ..core.tables import text_table
+from ..data import Splits, load_dataset
+from ..metrics import all_logits_scores, slc_metrics
+from .grid import Grid, run_losses
+from .paper import PAPER_IMPROVEMENT, PAPER_TABLE1, PAPER_TABLE2
 from .report import (
-    SLC_KEYS,
     bar_plot,
     comparison_plot,
     paper_table,
@@ -34,143 +29,7 @@ from .report import (
     separation_plot,
     table1_markdown,
     table2_markdown,
-    text_table,
 )
-from .train import TrainConfig, predict, softmax_scale, train
-
-PAPER_LOSSES = ("ce", "max_margin", "self_norm", "nce", "bce", "batch_ce", "batch_max_margin")
-ROW_KEYS = ("auprc", "precision@0.9", "precision@0.99", "pooled_auprc", "pooled_auroc", "accuracy")
-#: What defines a run of the grid; stored in every row, so that table2 can tell whether table1's runs are its own.
-SETTING_KEYS = ("dataset", "model", "steps", "lr_grid", "batch_size", "seed", "train_split", "weight_decay")
-#: The value a setting had before it was recorded (rows written without it were made with it).
-SETTING_DEFAULTS: dict[str, Any] = {"weight_decay": 0.0}
-
-# The paper's numbers, 1 − metric as printed (Keren, Sabato & Schuller, ICDM 2018; 10^5 steps): Table I, MNIST,
-# (1−AUPRC, 1−P@0.9, 1−P@0.99), and its mean relative improvement row. The binary-CE row is garbled in the
-# extracted text (see DESIGN.md), so it is not quoted; Fashion-MNIST is not in the paper.
-PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
-    "mnist": {"ce": (0.008, 0.005, 0.203), "max_margin": (0.012, 0.018, 0.262), "self_norm": (0.002, 0.001, 0.021),
-              "nce": (0.002, 0.002, 0.021), "batch_ce": (0.002, 0.001, 0.022),
-              "batch_max_margin": (0.002, 0.001, 0.034)},
-}
-PAPER_IMPROVEMENT: dict[str, tuple[float, float, float]] = {"mnist": (0.820, 0.913, 0.884)}
-# Table II, MNIST, as printed (legible in the extracted text): note its batch CE 1−AUPRC (.001) differs from
-# Table I's (.002); "CE with all logits" is the softmax over all logits of the CE model.
-PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float]]] = {
-    "mnist": {"Mean PoLS methods (SLC)": (0.002, 0.001, 0.027), "batch CE (SLC)": (0.001, 0.001, 0.022),
-              "CE with all logits": (0.001, 0.000, 0.020)},
-}
-
-
-def run_losses(dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float], batch_size: int = 128,
-               model: str = "mlp", seed: int = 0, data: Splits | None = None, train_split: str = "train",
-               progress: bool | None = None, log: Callable[[str], None] = print,
-               test_scores: dict[str, np.ndarray] | None = None, weight_decay: float = 0.0,
-               jobs: int = 1) -> list[dict[str, Any]]:
-    """Train every loss at every learning rate; keep, per loss, the run with the best validation accuracy
-    (when there is a single rate, no validation is needed) and return its test metrics as one row.
-    ``test_scores``, when given, receives each kept model's test scores ``[n, k]`` under the loss name.
-
-    ``jobs`` > 1 trains that many (loss, rate) runs at once in worker processes, each with
-    ``torch.get_num_threads() // jobs`` threads (at least 1); the rows are those of ``jobs=1`` up to the
-    last bits of float arithmetic when the thread counts differ."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    data = data if data is not None else load_dataset(dataset)
-    select = len(lrs) > 1
-    splits = ("valid", "test") if select else ("test",)
-    configs = [TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
-                           seed=seed, train_split=train_split, weight_decay=weight_decay).validate()
-               for loss in losses for lr in lrs]
-    outcomes = _train_grid(configs, data, splits, progress, jobs)
-    rows = []
-    for loss in losses:
-        best: dict[str, Any] | None = None
-        for config in (c for c in configs if c.loss == loss):
-            outcome = next(outcomes)
-            if isinstance(outcome, FloatingPointError):  # a diverging rate is a legitimate outcome of the grid
-                log(f"  {loss} lr={config.lr}: diverged ({outcome})")
-                continue
-            result, scores = outcome
-            valid_acc = result["valid"]["accuracy"] if select else math.nan
-            valid = f"valid acc={valid_acc:.4f}  " if select else ""
-            log(f"  {loss:>18} lr={config.lr:<6g} {valid}test acc={result['test']['accuracy']:.4f}  "
-                f"({result['train_seconds']:.0f}s)")
-            if best is None or (select and valid_acc > best["valid_accuracy"]):
-                best = {"result": result, "lr": config.lr, "valid_accuracy": valid_acc}
-                if test_scores is not None:
-                    test_scores[loss] = scores
-        if best is None:
-            raise FloatingPointError(f"{loss}: every learning rate in {list(lrs)} diverged")
-        test = best["result"]["test"]
-        config = TrainConfig(**best["result"]["config"])
-        rows.append({"loss": loss, "pols_aligned": LOSSES[loss].pols_aligned, "lr": best["lr"],
-                     **{k: test[k] for k in ROW_KEYS},
-                     "valid_accuracy": None if not select else best["valid_accuracy"],
-                     "all_logits": {k: test["all_logits"][k] for k in ROW_KEYS},
-                     "softmax_scale": softmax_scale(config),
-                     "train_seconds": best["result"]["train_seconds"],
-                     **run_settings(dataset, model, steps, lrs, batch_size, seed, train_split, weight_decay)})
-    return rows
-
-
-Outcome = tuple[dict[str, Any], np.ndarray] | FloatingPointError
-
-
-def _train_one(config: TrainConfig, data: Splits, splits: tuple[str, ...], progress: bool | None) -> Outcome:
-    """One run of the grid: its metrics and its test scores, or the FloatingPointError of a diverging rate."""
-    try:
-        trained, result = train(config, data=data, progress=progress, eval_splits=splits)
-    except FloatingPointError as err:
-        return err
-    return result, predict(trained, data.test_x).numpy()
-
-
-_WORKER_DATA: Splits | None = None
-
-
-def _worker_init(arrays: dict[str, Any], threads: int) -> None:
-    global _WORKER_DATA
-    _WORKER_DATA = Splits(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()})
-    torch.set_num_threads(threads)
-
-
-def _worker_run(config: TrainConfig, splits: tuple[str, ...]) -> Outcome:
-    assert _WORKER_DATA is not None, "worker used before its initializer ran"
-    return _train_one(config, _WORKER_DATA, splits, progress=False)
-
-
-def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str, ...], progress: bool | None,
-                jobs: int) -> Iterator[Outcome]:
-    """The outcomes of ``configs``, in order: one after the other here, or ``jobs`` at a time in fresh
-    ("spawn") processes that each get the data once."""
-    if jobs == 1 or len(configs) == 1:
-        yield from (_train_one(c, data, splits, progress) for c in configs)
-        return
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
-    # The data travel as numpy arrays, pickled by value. Tensors would go through torch's multiprocessing
-    # reductions, which move the parent's storages into shared memory and leave every numpy view taken
-    # before (such as table2's test labels) pointing at freed memory.
-    arrays = {f.name: (v.numpy() if isinstance(v := getattr(data, f.name), torch.Tensor) else v)
-              for f in dataclasses.fields(data)}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context, initializer=_worker_init,
-                             initargs=(arrays, threads)) as pool:
-        futures = [pool.submit(_worker_run, c, splits) for c in configs]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
-
-
-def run_settings(dataset: str, model: str, steps: int, lrs: Sequence[float], batch_size: int, seed: int,
-                 train_split: str = "train", weight_decay: float = 0.0) -> dict[str, Any]:
-    """The ``SETTING_KEYS`` of a grid of runs, JSON-ready."""
-    return {"dataset": dataset, "model": model, "steps": int(steps), "lr_grid": [float(x) for x in lrs],
-            "batch_size": int(batch_size), "seed": int(seed), "train_split": train_split,
-            "weight_decay": float(weight_decay)}
 
 
 def measured_alignment(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -350,17 +209,14 @@ def write_table1(out: str | Path, rows: list[dict[str, Any]], scores: Mapping[st
     return paths
 
 
-def reproduce_table1(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
-                     batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
-                     progress: bool | None = None, log: Callable[[str], None] = print, weight_decay: float = 0.0,
-                     jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Paper Table I: train every loss over the learning-rate grid (:func:`run_losses`) and write
+def reproduce_table1(out: str | Path, grid: Grid, data: Splits | None = None, progress: bool | None = None,
+                     log: Callable[[str], None] = print, jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Paper Table I: train every loss over the learning-rate grid (:func:`~.grid.run_losses`) and write
     :func:`write_table1`'s files into ``out``. Returns the rows and the paths written."""
-    data = data if data is not None else load_dataset(dataset)
+    data = data if data is not None else load_dataset(grid.dataset)
     scores: dict[str, np.ndarray] = {}
-    rows = run_losses(dataset, losses, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
-                      progress=progress, log=log, test_scores=scores, weight_decay=weight_decay, jobs=jobs)
-    command = reproduce_command("table1", rows[0], losses, out, jobs=jobs)
+    rows = run_losses(grid, data=data, progress=progress, log=log, test_scores=scores, jobs=jobs)
+    command = reproduce_command("table1", grid.settings(), grid.losses, out, jobs=jobs)
     return rows, write_table1(out, rows, scores, data.test_y.numpy(), command)
 
 
@@ -418,25 +274,23 @@ def table2_summary(per_loss: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def reproduce_table2(out: str | Path, dataset: str, losses: Sequence[str], steps: int, lrs: Sequence[float],
-                     batch_size: int = 128, model: str = "mlp", seed: int = 0, data: Splits | None = None,
-                     progress: bool | None = None, log: Callable[[str], None] = print, weight_decay: float = 0.0,
-                     jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+def reproduce_table2(out: str | Path, grid: Grid, data: Splits | None = None, progress: bool | None = None,
+                     log: Callable[[str], None] = print, jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Paper Table II: each loss's single logit (SLC) against the softmax of all its logits, on the test set.
     Reuses ``out``'s table1 runs made with the same settings (:func:`reusable_runs`), trains the others. Writes
     ``table2.json`` (rows: the paper-layout rows, then one row per loss and scoring), ``table2.csv``,
     ``table2.md`` and ``table2.png``. Returns the JSON rows and the paths."""
-    data = data if data is not None else load_dataset(dataset)
+    data = data if data is not None else load_dataset(grid.dataset)
     target = data.test_y.numpy()
-    settings = run_settings(dataset, model, steps, lrs, batch_size, seed, weight_decay=weight_decay)
+    settings, losses, dataset = grid.settings(), grid.losses, grid.dataset
     runs = reusable_runs(out, settings, losses, target, log=log)
     missing = [loss for loss in losses if loss not in runs]
     if runs:
         log(f"  reusing {len(runs)} run(s) of {out}/table1.json: {', '.join(runs)}")
     if missing:
         scores: dict[str, np.ndarray] = {}
-        for row in run_losses(dataset, missing, steps, lrs, batch_size=batch_size, model=model, seed=seed, data=data,
-                              progress=progress, log=log, test_scores=scores, weight_decay=weight_decay, jobs=jobs):
+        for row in run_losses(grid.with_losses(missing), data=data, progress=progress, log=log, test_scores=scores,
+                              jobs=jobs):
             runs[row["loss"]] = (row, scores[row["loss"]])
     per_loss = []
     for loss in losses:
@@ -490,3 +344,21 @@ def _runs_line(reused: Sequence[str], trained: Sequence[str]) -> str:
     if trained:
         parts.append("trained here for " + ", ".join(trained))
     return "Runs: " + "; ".join(parts) + "."
+
+
+def reproduce_alignment(out: str | Path, grid: Grid, data: Splits | None = None, progress: bool | None = None,
+                        log: Callable[[str], None] = print,
+                        jobs: int = 1) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Every loss of the grid measured (``logitsep reproduce alignment``): the paper's Table I layout with the
+    losses whose alignment is not established placed by :func:`measured_alignment`, written by
+    :func:`write_report` as ``out/alignment.{json,md,png}`` and ``alignment_logits.png``."""
+    data = data if data is not None else load_dataset(grid.dataset)
+    scores: dict[str, np.ndarray] = {}
+    rows = run_losses(grid, data=data, progress=progress, log=log, test_scores=scores, jobs=jobs)
+    settings = {"dataset": grid.dataset, "model": grid.model, "steps": grid.steps, "lrs": list(grid.lrs),
+                "batch_size": grid.batch_size, "seed": grid.seed,
+                "optimizer": f"SGD momentum 0.9, cosine decay, weight decay {grid.weight_decay:g}"}
+    title = f"Measured logit separation of every registered loss on {grid.dataset}"
+    paths = write_report(out, "alignment", rows, title, settings, measured_alignment(rows), test_scores=scores,
+                         test_target=data.test_y.numpy())
+    return rows, paths

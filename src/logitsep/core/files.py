@@ -1,6 +1,7 @@
-"""Crash-safe file writing: write to a temporary file beside the target, then rename over it.
+"""Crash-safe file writing: write to a temporary file beside the target, fsync it, then rename it over the target.
 
-A reader never sees a half-written file, and an existing file is not lost if the writer dies midway.
+A reader never sees a half-written file, and an existing file is not lost if the writer dies midway. Also the
+JSON encoder every writer of logitsep uses (:func:`json_default`: numpy and torch scalars and arrays).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], header: list[str] | None = None) -> Path:
@@ -62,9 +63,41 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], header
     return write_text(path, buffer.getvalue())
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps``'s ``default``: numpy / torch scalars as numbers, arrays and tensors as lists."""
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder: makes the renames and new entries in it durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def invalid(where: str, what: str, problem: str) -> ValueError:
+    """The one message of a stored file that cannot be used: ``{where}: not a valid {what} ({problem})``."""
+    return ValueError(f"{where}: not a valid {what} ({problem})")
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value of ``path``; :func:`invalid` when it is not UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise invalid(str(path), what, f"corrupt JSON: {err}") from err
+
+
+def check_versioned(obj: object, fmt: str, version: int, where: str, what: str) -> dict[str, Any]:
+    """``obj`` as a JSON object with ``"format": fmt`` and ``"version": version``; :func:`invalid` otherwise."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise invalid(where, what, f'expected a JSON object with "format": "{fmt}"')
+    if obj.get("version") != version:
+        raise invalid(where, what, f"unsupported version {obj.get('version')!r}, expected {version}")
+    return obj

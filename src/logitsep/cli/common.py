@@ -1,0 +1,88 @@
+"""What the commands share: JSON output, argument parsers of lists, and the options several commands take."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..core.files import json_default
+from ..core.keys import ROW_KEYS
+from ..data import DATASETS, dataset_name
+
+MODEL_HELP = ("mlp or cnn (the paper's networks), or a torchvision classification model as torchvision:NAME "
+              "(needs torchvision; checked when the model is built)")
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=json_default))
+
+
+def loss_names() -> list[str]:
+    from ..losses import LOSSES
+
+    return sorted(LOSSES)
+
+
+def loss_list(parser: argparse.ArgumentParser, text: str | None, default: Sequence[str]) -> list[str]:
+    """``--losses a,b,c``: registry names (a usage error names the unknown ones)."""
+    if not text:
+        return list(default)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in loss_names()]
+    if unknown:
+        parser.error(f"unknown loss {', '.join(map(repr, unknown))}; valid names: {', '.join(loss_names())}")
+    return names
+
+
+def float_list(parser: argparse.ArgumentParser, text: str) -> list[float]:
+    """``--lrs 0.1,0.01``: positive numbers."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--lrs must be comma-separated numbers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        parser.error(f"--lrs must be positive numbers, got {text!r}")
+    return values
+
+
+def loss_kwargs(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """``--loss-arg key=value`` (repeatable): values parsed as JSON when they are JSON, else kept as strings."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--loss-arg takes key=value, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def add_dataset(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--dataset", required=required, type=dataset_name, choices=sorted(DATASETS), help=help)
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int = 0) -> None:
+    """``--threads``: torch CPU threads for the commands that train."""
+    parser.add_argument("--threads", type=int, default=default,
+                        help=f"torch CPU threads (default {default}; 0: torch's choice; 1 is often faster for "
+                             "the small paper models on a busy machine)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    threads = args.threads
+    if threads < 0:
+        args.parser.error(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """``metric, single logit, all logits`` rows of a run's metrics (``train``, ``evaluate``)."""
+    keys = [ROW_KEYS[-1], *ROW_KEYS[:-1]]  # accuracy first
+    return [[k, metrics[k], metrics.get("all_logits", {}).get(k)] for k in keys]

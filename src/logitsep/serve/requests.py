@@ -1,0 +1,83 @@
+"""What a request may carry, checked before the service does any work: a class id, a threshold, base64 PNG
+images of the model's size (decoded by :func:`logitsep.core.images.decode_png`, the one decoding path).
+
+Every refusal is a :class:`BadInput` carrying the HTTP status the API answers with: 400 for bytes that are not a
+readable PNG or base64, 422 for a well-formed request the model cannot take.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+
+from ..core.checks import check_threshold as _threshold_value
+from ..core.images import InvalidImage, UnsupportedImage, decode_png
+
+MAX_IMAGES = 1024  # images per /ingest request (inclusive)
+
+
+class BadInput(ValueError):
+    """A request the service refuses; ``status`` is the HTTP status the API answers with."""
+
+    status = 422
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+def check_class_id(class_id: object, num_classes: int) -> int:
+    """A class id: an ``int`` (not a ``bool``) in ``[0, k)``."""
+    if isinstance(class_id, bool) or not isinstance(class_id, int):
+        raise BadInput(f"class_id must be an integer, got {class_id!r}")
+    if not 0 <= class_id < num_classes:
+        raise BadInput(f"unknown class_id {class_id}: valid ids are 0..{num_classes - 1}")
+    return class_id
+
+
+def check_threshold(threshold: object) -> float:
+    """A finite number (not a ``bool``)."""
+    try:
+        return _threshold_value(threshold)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+
+
+def decode_base64(text: object, where: str) -> bytes:
+    """The bytes of a base64 string (an optional ``data:image/png;base64,`` prefix is allowed)."""
+    if not isinstance(text, str):
+        raise BadInput(f"{where}: expected a base64 string, got {type(text).__name__}", 400)
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadInput(f"{where}: malformed base64 ({err})", 400) from None
+    if not data:
+        raise BadInput(f"{where}: empty image", 400)
+    return data
+
+
+def decode_images(pngs: list[bytes], layout: tuple[int, int, int], name: str = "images") -> np.ndarray:
+    """All images of a request as one ``uint8`` array ``[n, H, W]`` (or ``[n, H, W, 3]``) of the model's
+    ``layout`` = ``(channels, H, W)``; raises on the first bad one (nothing is kept). At most
+    :data:`MAX_IMAGES`. Errors name the image as ``name[i]`` (or ``name`` alone for a single ``"image"``)."""
+    if not pngs:
+        raise BadInput(f"{name}: no images given")
+    if len(pngs) > MAX_IMAGES:
+        raise BadInput(f"{name}: too many images in one request: {len(pngs)} (at most {MAX_IMAGES})")
+    channels, height, width = layout
+
+    def one(i: int, data: bytes) -> np.ndarray:
+        where = name if name == "image" else f"{name}[{i}]"
+        try:
+            return decode_png(data, where, size=(width, height), channels=1 if channels == 1 else 3)
+        except InvalidImage as err:
+            raise BadInput(str(err), 400) from None
+        except UnsupportedImage as err:
+            raise BadInput(str(err), 422) from None
+
+    return np.stack([one(i, data) for i, data in enumerate(pngs)])
