@@ -12,7 +12,9 @@ import binascii
 
 import numpy as np
 
+from ..core.checks import check_class
 from ..core.checks import check_threshold as _threshold_value
+from ..core.checks import check_top_k as _top_k_value
 from ..core.images import InvalidImage, UnsupportedImage, decode_png
 
 MAX_IMAGES = 1024  # images per /ingest request (inclusive)
@@ -30,18 +32,25 @@ class BadInput(ValueError):
 
 
 def check_class_id(class_id: object, num_classes: int) -> int:
-    """A class id: an ``int`` (not a ``bool``) in ``[0, k)``."""
-    if isinstance(class_id, bool) or not isinstance(class_id, int):
-        raise BadInput(f"class_id must be an integer, got {class_id!r}")
-    if not 0 <= class_id < num_classes:
-        raise BadInput(f"unknown class_id {class_id}: valid ids are 0..{num_classes - 1}")
-    return class_id
+    """A class id: an ``int`` (not a ``bool``) in ``[0, k)`` (:func:`logitsep.core.checks.check_class`)."""
+    try:
+        return check_class(class_id, num_classes, name="class_id")
+    except (TypeError, ValueError) as err:
+        raise BadInput(str(err)) from None
 
 
 def check_threshold(threshold: object) -> float:
     """A finite number (not a ``bool``)."""
     try:
         return _threshold_value(threshold)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+
+
+def check_top_k(top_k: object) -> int | None:
+    """None or a positive integer."""
+    try:
+        return _top_k_value(top_k)
     except ValueError as err:
         raise BadInput(str(err)) from None
 

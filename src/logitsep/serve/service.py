@@ -41,7 +41,7 @@ from ..core.images import encode_png, image_layout, inputs_from_images, pixels_f
 from ..search import EmbeddingIndex
 from ..search.select import select
 from .cache import ScoreCache
-from .requests import MAX_IMAGES, BadInput, check_class_id, check_threshold, decode_images
+from .requests import MAX_IMAGES, BadInput, check_class_id, check_threshold, check_top_k, decode_images
 from .stream import Broadcast, Subscriber
 
 __all__ = ["MAX_IMAGES", "BadInput", "Service", "dataset_images"]
@@ -206,8 +206,7 @@ class Service:
             threshold = self.check_threshold(threshold)
         elif top_k is None:
             threshold = self.threshold
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise BadInput(f"top_k must be a positive integer, got {top_k!r}")
+        top_k = check_top_k(top_k)
         query = self.class_vector(class_id)
         began = time.perf_counter()
         data = self.index.vectors  # the committed rows now; appends map new ones without touching these
