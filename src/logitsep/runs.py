@@ -150,7 +150,7 @@ def model_spec(config: TrainConfig, data: Any, model: SLCModel | None = None) ->
     gives the embedding dimension, else one is built to read it."""
     model = model if model is not None else build_model(config.model, data.input_shape, data.num_classes,
                                                         head=loss_spec(config.loss).head, scale=config.head_scale)
-    kind = getattr(data, "input_kind", "image")
+    kind = data.input_kind
     return ModelSpec(architecture=config.model, input_shape=tuple(int(s) for s in data.input_shape), input_kind=kind,
                      num_classes=int(data.num_classes), class_names=tuple(data.class_names),
                      head=loss_spec(config.loss).head, head_scale=float(config.head_scale),
