@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+from logitsep.backbones import final_linear, import_torchvision
 from logitsep.cli import build_parser
+from logitsep.core.extras import MissingDependencyError
 from logitsep.data import (
     DATASETS,
     DatasetNotFoundError,
-    MissingDependencyError,
     Splits,
-    _read_idx,
     carve_validation,
     load_dataset,
     load_fashion_mnist,
@@ -30,7 +30,8 @@ from logitsep.data import (
     load_synthetic,
     safe_unpickle,
 )
-from logitsep.models import build_model, check_model_name, final_linear
+from logitsep.data.builtin import _read_idx
+from logitsep.models import build_model, check_model_name
 
 # --------------------------------------------------------------------------------------------------- helpers
 
@@ -123,7 +124,7 @@ def test_unknown_names_list_the_valid_ones():
         load_dataset("cifar1000")
     with pytest.raises(ValueError, match="valid splits"):
         load_dataset("digits").split("validation")
-    with pytest.raises(ValueError, match="valid names: cnn, mlp"):
+    with pytest.raises(ValueError, match="valid names: cnn, linear, mlp"):
         build_model("resnet", (784,), 10)
     assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "digits", "synthetic"}
     small = load_dataset("synthetic", num_classes=3, dim=2, per_class_train=4)  # keyword arguments reach the loader
@@ -579,7 +580,8 @@ def test_torchvision_errors(fake_torchvision):
         build_model("torchvision:resnet_like", (784,), 4)
     with pytest.raises(ValueError, match="unknown model 'torchvision:resnet9000'.*resnet_like"):
         build_model("torchvision:resnet9000", (3, 16, 16), 4)
-    with pytest.raises(ValueError, match="valid names: cnn, mlp, or a torchvision .*densenet_like"):
+    with pytest.raises(ValueError, match="valid names: cnn, linear, mlp, 'timm:NAME' for a timm "
+                                         "model, or a torchvision .*densenet_like"):
         check_model_name("alexnet")
     assert final_linear(_VGGLike())[0] == "classifier.3"
 
@@ -590,13 +592,14 @@ def test_without_torchvision_the_error_says_so(monkeypatch):
         build_model("torchvision:resnet18", (3, 32, 32), 10)
     assert "'mlp' and 'cnn' work without it" in str(err.value)
     assert isinstance(err.value, ImportError) and isinstance(err.value, ValueError)
-    with pytest.raises(ValueError, match="unknown model 'resnet18'; valid names: cnn, mlp.*not installed"):
+    with pytest.raises(ValueError, match="unknown model 'resnet18'; valid names: cnn, linear, mlp.*not installed"):
         build_model("resnet18", (3, 32, 32), 10)
     assert build_model("mlp", (64,), 10)(torch.randn(2, 64)).shape == (2, 10)  # ours need nothing
 
 
-def test_real_torchvision_when_installed():
-    tv = pytest.importorskip("torchvision")
+def test_real_torchvision_imports_on_this_torch():
+    """torchvision (a CUDA build for torch 2.13 on a CPU torch here) imports through logitsep.backbones."""
+    tv = import_torchvision()
     model = build_model("torchvision:resnet18", (3, 32, 32), 10)
     assert isinstance(model.features.fc, nn.Identity) and model.head.in_features == 512
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

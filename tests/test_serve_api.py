@@ -578,9 +578,12 @@ def test_image_layout(run_dir: Path, tmp_path: Path) -> None:
     for bad in ((10,), (2, 3, 4, 5), ()):
         assert image_layout(bad) is None
     clf = SingleLogitClassifier.from_run(run_dir)
-    clf.input_shape = (10,)  # a model that takes no images
-    with pytest.raises(ValueError, match="cannot serve images"):
-        Service(clf, tmp_path / "index")
+    clf.input_shape = (10,)  # a model that takes no images: served for search, its image routes refuse
+    service = Service(clf, tmp_path / "index")
+    with pytest.raises(BadInput, match="cannot serve images"):
+        service.decode([b"x"], "image")
+    assert service.image(0) is None and service.search(0, top_k=3)["items"] == []
+    service.close()
 
 
 def test_cli_parses_serve(monkeypatch: pytest.MonkeyPatch) -> None:

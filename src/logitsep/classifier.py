@@ -24,8 +24,9 @@ from torch import Tensor
 
 from .core.checks import check_threshold, class_indices, parse_class
 from .core.images import inputs_from_images, read_images
+from .data import Rows, load_dataset
 from .heads import Head, as_head
-from .runs import MODEL, THRESHOLDS, ModelSpec, load_run, write_spec
+from .runs import MODEL, THRESHOLDS, ModelSpec, check_fits, load_run, write_spec
 from .thresholds import Thresholds, calibrate_scores, check_target
 
 __all__ = ["SingleLogitClassifier", "calibrate_run", "query"]
@@ -111,7 +112,12 @@ class SingleLogitClassifier:
             return class_indices(c, self.num_classes).to(c.device)
         return parse_class(c, self.class_names)
 
-    def _check_inputs(self, x: object) -> Tensor:
+    def _check_inputs(self, x: object) -> Tensor | Rows:
+        if isinstance(x, Rows):  # inputs read from disk a batch at a time
+            if x.row_shape != self.input_shape:
+                raise ValueError(f"x must be rows of shape {list(self.input_shape)} (the model's input shape), got "
+                                 f"{list(x.row_shape)}")
+            return x
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -171,10 +177,11 @@ class SingleLogitClassifier:
         return them."""
         metric, value = check_target(precision, recall)
         x = self._check_inputs(x)
-        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"y must be a [{x.shape[0]}] tensor of class indices, one per input")
+        if not isinstance(y, (Tensor, Rows)) or len(y.shape) not in (1, 2) or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y must be a [{x.shape[0]}] tensor of class indices, one per input (or an "
+                             f"[{x.shape[0]}, {self.num_classes}] 0/1 matrix)")
         scores = self.all_scores(self.embed(x)).float().cpu()
-        th = calibrate_scores(scores, y.cpu(), **{metric: value}, class_names=self.class_names)
+        th = calibrate_scores(scores, y, **{metric: value}, class_names=self.class_names)
         th.model = dict(self.fingerprint) if self.fingerprint is not None else None
         self.set_thresholds(th)
         return th
@@ -192,11 +199,11 @@ def calibrate_run(run_dir: str | Path, data: Any = None, precision: float | None
     An existing (even corrupt) ``thresholds.json`` is replaced only when calibration succeeds.
     """
     metric, value = check_target(precision, recall)
-    clf = SingleLogitClassifier.from_run(run_dir, device=device, data=data, load_thresholds=False)
-    if data is None:
-        from .data import load_dataset
-
-        data = load_dataset(clf.config.dataset)
+    described = (Path(run_dir) / MODEL).is_file()  # else the run's own data must describe it
+    clf = SingleLogitClassifier.from_run(run_dir, device=device, data=None if described else data,
+                                         load_thresholds=False)
+    data = data if data is not None else load_dataset(clf.config.dataset)
+    check_fits(clf.spec, data)
     x, y = data.split(split)
     th = clf.calibrate(x, y, **{metric: value})
     th.target.update(split=split, trained_on=clf.config.train_split)

@@ -10,11 +10,11 @@ cosine-margin losses), so a single logit can be computed from ``h`` without the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .backbones import TIMM_PREFIX, TORCHVISION_PREFIX, external_backbone, import_timm, torchvision_models
 from .core.extras import MissingDependencyError
 
 
@@ -93,122 +93,53 @@ def build_cnn(input_shape: Sequence[int], num_classes: int, head: str = "linear"
     return SLCModel(features, _make_head(head, 1024, num_classes, scale))
 
 
-MODELS: dict[str, Callable[..., SLCModel]] = {"mlp": build_mlp, "cnn": build_cnn}
-TORCHVISION_PREFIX = "torchvision:"
+def build_linear(input_shape: Sequence[int], num_classes: int, head: str = "linear", scale: float = 1.0) -> SLCModel:
+    """A head directly on the (flattened) inputs: a linear (or cosine) classifier over feature vectors, such as
+    embeddings a foundation model computed."""
+    return SLCModel(nn.Flatten(), _make_head(head, int(torch.tensor(input_shape).prod()), num_classes, scale))
 
 
-def _torchvision() -> Any:
-    """The torchvision module, or a clear error saying it is missing (the paper's models never need it)."""
-    try:
-        import torchvision
-    except ImportError as err:
-        raise MissingDependencyError(
-            "torchvision is not installed here, so torchvision models (e.g. 'torchvision:resnet18') cannot be "
-            "built; install the torchvision that matches your torch. The paper's 'mlp' and 'cnn' work without it."
-        ) from err
-    except Exception as err:  # installed but broken, e.g. built for another torch
-        raise MissingDependencyError(
-            f"torchvision is installed but cannot be imported here ({type(err).__name__}: {err}); "
-            "the paper's 'mlp' and 'cnn' work without it."
-        ) from err
-    return torchvision
+MODELS: dict[str, Callable[..., SLCModel]] = {"mlp": build_mlp, "cnn": build_cnn, "linear": build_linear}
 
 
-def torchvision_models() -> list[str]:
-    """Names of torchvision's classification models (``list_models(module=torchvision.models)``)."""
-    tv = _torchvision()
-    return sorted(tv.models.list_models(module=tv.models))
-
-
-def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The qualified name and module of a torchvision classifier's final classification ``nn.Linear``: ``fc``
-    (ResNet, Inception, RegNet, ...), ``classifier`` or its last layer (VGG, DenseNet, MobileNet, EfficientNet,
-    ConvNeXt, MaxViT, ...), ``heads.head`` (ViT), ``head`` (Swin); otherwise the last ``nn.Linear`` registered."""
-    for name in ("fc", "classifier", "heads.head", "head", "heads"):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Sequential) and len(module):
-            child, module = list(module.named_children())[-1]
-            name = f"{name}.{child}"
-        if isinstance(module, nn.Linear):
-            return name, module
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classification layer to replace "
-                         "(models that classify with a convolution, such as SqueezeNet, are not supported)")
-    return linears[-1]
-
-
-def build_torchvision(name: str, input_shape: Sequence[int], num_classes: int, head: str = "linear",
-                      scale: float = 1.0) -> SLCModel:
-    """A torchvision classification model, randomly initialised (``get_model(name, weights=None)``), as an
-    :class:`SLCModel`: its final classification ``nn.Linear`` (:func:`final_linear`) becomes ``nn.Identity`` so
-    ``features`` returns the embedding that layer took, and our head (linear or cosine) maps it to
-    ``num_classes`` scores. Auxiliary classifiers (Inception-v3, GoogLeNet) are removed. One forward pass of two
-    zero images checks at build time that the model takes ``input_shape`` = [channels, height, width]."""
-    tv = _torchvision()
-    available = tv.models.list_models(module=tv.models)
-    if name not in available:
-        raise ValueError(f"unknown torchvision classification model {name!r}; "
-                         f"valid names: {', '.join(sorted(available))}")
-    if len(input_shape) != 3:
-        raise ValueError(f"torchvision models take images [channels, height, width], got input shape {input_shape}")
-    backbone = tv.models.get_model(name, weights=None)
-    if getattr(backbone, "aux_logits", False):  # as torchvision does when it loads weights without aux heads
-        backbone.aux_logits = False
-        for aux in ("AuxLogits", "aux1", "aux2"):
-            if hasattr(backbone, aux):
-                setattr(backbone, aux, None)
-    path, linear = final_linear(backbone)
-    parent, _, child = path.rpartition(".")
-    setattr(backbone.get_submodule(parent) if parent else backbone, child, nn.Identity())
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            h = backbone(torch.zeros(2, *input_shape))
-    except (RuntimeError, ValueError, AssertionError) as err:  # ViT checks the image size with an assert
-        raise ValueError(f"torchvision model {name!r} cannot take inputs of shape {tuple(input_shape)}: {err}") from err
-    finally:
-        backbone.train()
-    if not isinstance(h, Tensor) or h.shape != (2, linear.in_features):
-        got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-        raise ValueError(f"torchvision model {name!r}: removing {path} should leave [n, {linear.in_features}] "
-                         f"embeddings, got {got}")
-    return SLCModel(backbone, _make_head(head, linear.in_features, num_classes, scale))
-
-
-def _torchvision_name(name: str) -> str:
-    """The torchvision model that ``name`` (not one of ours) asks for, or an error listing the valid names."""
+def _external_name(name: str) -> str:
+    """The torchvision/timm model ``name`` asks for (``torchvision:NAME``, ``timm:NAME`` or a plain torchvision
+    name), or an error listing the valid names (nothing is built)."""
+    ours = ", ".join(sorted(MODELS))
+    if name.startswith(TIMM_PREFIX):
+        timm = import_timm()
+        if not timm.list_models(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"unknown model {name!r}: timm has no model {name[len(TIMM_PREFIX):]!r}")
+        return name
     prefixed = name.startswith(TORCHVISION_PREFIX)
     tv_name = name[len(TORCHVISION_PREFIX):] if prefixed else name
-    ours = ", ".join(sorted(MODELS))
     try:
         available = torchvision_models()
     except MissingDependencyError as err:
         if prefixed:
             raise
-        raise ValueError(f"unknown model {name!r}; valid names: {ours}, or 'torchvision:NAME' for a torchvision "
-                         f"classification model ({err})") from err
+        raise ValueError(f"unknown model {name!r}; valid names: {ours}, 'torchvision:NAME' or 'timm:NAME' "
+                         f"({err})") from err
     if tv_name not in available:
-        raise ValueError(f"unknown model {name!r}; valid names: {ours}, or a torchvision classification model "
-                         f"as 'torchvision:NAME' or NAME, one of: {', '.join(available)}")
-    return tv_name
+        raise ValueError(f"unknown model {name!r}; valid names: {ours}, 'timm:NAME' for a timm model, or a "
+                         f"torchvision classification model as 'torchvision:NAME' or NAME, one of: "
+                         f"{', '.join(available)}")
+    return TORCHVISION_PREFIX + tv_name
 
 
 def check_model_name(name: str) -> str:
     """``name`` if :func:`build_model` knows it; otherwise the error it would raise (nothing is built)."""
     if name not in MODELS:
-        _torchvision_name(name)
+        _external_name(name)
     return name
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, head: str = "linear",
                 scale: float = 1.0) -> SLCModel:
-    """Build a model for inputs of ``input_shape`` and ``num_classes`` outputs: ``"mlp"`` / ``"cnn"`` (``MODELS``,
-    the paper's networks), or any torchvision classification model as ``"torchvision:NAME"`` or plain ``NAME``
-    when torchvision can be imported (:func:`build_torchvision`)."""
+    """Build a model for inputs of ``input_shape`` and ``num_classes`` outputs: ``"mlp"`` / ``"cnn"`` (the paper's
+    networks), ``"linear"`` (a head on the inputs), or a torchvision or timm backbone as ``"torchvision:NAME"``
+    (or plain ``NAME``) / ``"timm:NAME"`` (:mod:`logitsep.backbones`) with our head on its embedding."""
     if name in MODELS:
         return MODELS[name](input_shape, num_classes, head=head, scale=scale)
-    return build_torchvision(_torchvision_name(name), input_shape, num_classes, head=head, scale=scale)
+    features, width = external_backbone(_external_name(name), tuple(int(s) for s in input_shape))
+    return SLCModel(features, _make_head(head, width, num_classes, scale))

@@ -158,6 +158,14 @@ def model_spec(config: TrainConfig, data: Any, model: SLCModel | None = None) ->
                      pixel_scale=PIXEL_SCALE if kind == "image" else None)
 
 
+def check_fits(spec: ModelSpec, data: Any) -> None:
+    """Data a run is evaluated, calibrated or indexed on must have the run's inputs and classes."""
+    if tuple(data.input_shape) != spec.input_shape or data.num_classes != spec.num_classes:
+        raise ValueError(f"{data.name} has inputs of shape {list(data.input_shape)} and {data.num_classes} classes, "
+                         f"but the run was trained on inputs of shape {list(spec.input_shape)} and "
+                         f"{spec.num_classes} classes ({spec.dataset})")
+
+
 def write_spec(run: str | Path, spec: ModelSpec) -> Path:
     """Write ``run/model.json`` atomically."""
     return write_json(Path(run) / MODEL, spec.to_dict())

@@ -136,7 +136,8 @@ def _calibrate_one(scores: np.ndarray, positive: np.ndarray, metric: str, value:
 def calibrate_scores(scores: Tensor | np.ndarray, y: Tensor | np.ndarray | Sequence[int],
                      precision: float | None = None, recall: float | None = None,
                      class_names: Sequence[str] | None = None) -> Thresholds:
-    """Per-class and global thresholds for scores ``[n, k]`` of examples with classes ``y [n]`` (module docstring).
+    """Per-class and global thresholds for scores ``[n, k]`` of examples with classes ``y [n]``, or with
+    multi-label 0/1 targets ``y [n, k]`` (module docstring).
 
     Exactly one target: ``precision`` or ``recall`` in (0, 1]; neither means ``precision=0.99``.
     """
@@ -144,11 +145,13 @@ def calibrate_scores(scores: Tensor | np.ndarray, y: Tensor | np.ndarray | Seque
     s = check_scores(scores)
     n, k = s.shape
     t = to_numpy(y, "y")
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"y must be [{n}] class indices (one per row of scores), got shape {tuple(t.shape)}")
-    t, _ = check_labels(t, (n, k))
-    onehot = np.zeros((n, k), dtype=bool)
-    onehot[np.arange(n), t] = True
+    if t.ndim not in (1, 2) or t.shape[0] != n:
+        raise ValueError(f"y must be [{n}] class indices (one per row of scores) or an [{n}, {k}] 0/1 matrix, got "
+                         f"shape {tuple(t.shape)}")
+    t, onehot = check_labels(t, (n, k))
+    if onehot is None:
+        onehot = np.zeros((n, k), dtype=bool)
+        onehot[np.arange(n), t] = True
     pooled = _calibrate_one(s.ravel(), onehot.ravel(), metric, value)
     pooled.setdefault("source", "pooled")
     stats = []

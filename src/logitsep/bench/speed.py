@@ -100,7 +100,7 @@ def _forward_passes(backbone: nn.Module, x: Tensor, head: nn.Module, linear: nn.
 
 
 def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 31, device: str = "cpu",
-            seed: int = 0, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+            seed: int = 0, log: Callable[[str], None] = lambda s: None, warmup: int = 5) -> list[dict[str, Any]]:
     """One row per ``k`` for backbone ``name`` (see the module docstring for the four timings)."""
     from .head import random_head
 
@@ -117,7 +117,7 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 3
         linear.weight, linear.bias = head.weight, head.bias  # the same weights: only the code path differs
         fns = _forward_passes(backbone, x, head, linear, c=k // 2)
         with torch.inference_mode():
-            times = alternating_rounds(fns, repeats, device, warmup=5)
+            times = alternating_rounds(fns, repeats, device, warmup=warmup)
         med = {key: statistics.median(value) for key, value in times.items()}
         slc_q25, slc_q75 = ratio_quartiles(times["slc"], times["backbone"])
         row = {"backbone": name, "d": d, "classes": k, "log2_classes": round(float(torch.tensor(k).log2()), 3),
@@ -126,7 +126,8 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 3
                "speedup": round(paired_ratio(times["all"], times["slc"]), 4), "bound": round(bound(macs, k, d), 4),
                "slc_over_backbone": round(paired_ratio(times["slc"], times["backbone"]), 4),
                "slc_over_backbone_q25": round(slc_q25, 4), "slc_over_backbone_q75": round(slc_q75, 4),
-               "all_over_linear": round(paired_ratio(times["all"], times["linear"]), 4), "repeats": repeats}
+               "all_over_linear": round(paired_ratio(times["all"], times["linear"]), 4), "repeats": repeats,
+               "warmup": warmup}
         row["meets_slc_target"] = bool(row["slc_over_backbone"] <= TARGET_SLC)
         row["meets_all_target"] = bool(row["all_over_linear"] <= TARGET_ALL)
         rows.append(row)
@@ -142,12 +143,12 @@ def measure(name: str, classes: Sequence[int], batch: int = 32, repeats: int = 3
 
 def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES, batch: int = 32,
         repeats: int = 31, device: str = "cpu", out: str | Path | None = "results/bench/speed", seed: int = 0,
-        plot: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+        plot: bool = True, log: Callable[[str], None] = lambda s: None, warmup: int = 5) -> dict[str, Any]:
     """Measure every backbone (default: all of ``PAPER``, torchvision ones only if importable) at every ``k``;
     write ``out.{csv,json,png}``. Returns ``{"rows", "skipped", "environment", "files"}``."""
     from ..core.extras import MissingDependencyError
 
-    for label, value in (("batch", batch), ("repeats", repeats)):
+    for label, value in (("batch", batch), ("repeats", repeats), ("warmup", warmup)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
     if not classes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in classes):
@@ -163,7 +164,8 @@ def run(backbones: Sequence[str] | None = None, classes: Sequence[int] = CLASSES
     skipped: dict[str, str] = {}
     for name in names:
         try:
-            rows += measure(name, classes, batch=batch, repeats=repeats, device=device, seed=seed, log=log)
+            rows += measure(name, classes, batch=batch, repeats=repeats, device=device, seed=seed, log=log,
+                            warmup=warmup)
         except MissingDependencyError as err:
             skipped[name] = str(err)
             log(f"note: skipping {name}: torchvision cannot be imported here")
@@ -238,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are skipped with a note when torchvision cannot be imported)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=31, help="timed rounds per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed calls of each forward pass first (default 5; 1 is enough for the seconds-long "
+                             "torchvision backbones on a CPU)")
     parser.add_argument("--out", default="results/bench", help="folder for speed.{csv,json,png}")
     add_threads_argument(parser)
 
@@ -248,7 +253,7 @@ def cli(args: argparse.Namespace) -> int:
         apply_threads(args.threads)
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     result = run(backbones=args.backbones, classes=args.classes, batch=args.batch_size, repeats=args.repeats,
-                 device=args.device, out=f"{args.out}/speed", log=log)
+                 device=args.device, out=f"{args.out}/speed", log=log, warmup=args.warmup)
     if args.json:
         print(json.dumps(result, indent=2, default=json_default))
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.tables import text_table
-from .common import print_json
+from .common import add_dataset, dataset_of, print_json
 
 HELP = "calibrate per-class and global thresholds on the validation split"
 
@@ -17,12 +17,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--recall", type=float, help="target recall instead of a precision")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--device", default="cpu")
+    add_dataset(p, required=False, help="calibrate on this dataset's --split (default: the run's own, or --data)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..classifier import calibrate_run
+    from ..data import load_dataset
 
-    th = calibrate_run(args.run, precision=args.precision, recall=args.recall, split=args.split, device=args.device)
+    dataset = dataset_of(args)
+    data = load_dataset(dataset) if dataset is not None else None
+    th = calibrate_run(args.run, data=data, precision=args.precision, recall=args.recall, split=args.split,
+                       device=args.device)
     if args.json:
         print_json(th.to_dict())
     else:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..core.files import json_default
 from ..core.keys import ROW_KEYS
-from ..data import DATASETS, dataset_name
+from ..data import DATASETS, data_path, dataset_name
 
 MODEL_HELP = ("mlp or cnn (the paper's networks), or a torchvision classification model as torchvision:NAME "
               "(needs torchvision; checked when the model is built)")
@@ -62,7 +62,26 @@ def loss_kwargs(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[s
 
 
 def add_dataset(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
-    parser.add_argument("--dataset", required=required, type=dataset_name, choices=sorted(DATASETS), help=help)
+    """``--dataset NAME`` (a built-in dataset) or ``--data PATH`` (a folder of your own: arrays or images)."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--dataset", type=_dataset_arg, metavar="NAME",
+                       help=(help + "; " if help else "") + "one of " + ", ".join(sorted(DATASETS))
+                       + " (glyphs-K: the first K printed characters)")
+    group.add_argument("--data", metavar="PATH",
+                       help="your own data instead of --dataset: a folder of train_x.npy/train_y.npy "
+                            "(valid_*, test_*, classes.txt optional) or of class folders of images")
+
+
+def _dataset_arg(text: str) -> str:
+    try:
+        return dataset_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def dataset_of(args: argparse.Namespace) -> str | None:
+    """The dataset a command was given: the name of ``--dataset``, or the absolute path of ``--data``."""
+    return data_path(args.data) if args.data is not None else args.dataset
 
 
 def add_threads(parser: argparse.ArgumentParser, default: int = 0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.tables import text_table
-from .common import print_json, summary_rows
+from .common import add_dataset, dataset_of, print_json, summary_rows
 
 HELP = "SLC metrics of a trained run"
 
@@ -14,20 +14,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--device", default="cpu")
+    add_dataset(p, required=False, help="default: the run's dataset (or --data)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
-    from ..runs import load_run
+    from ..runs import check_fits, load_run
     from ..train import evaluate_model, softmax_scale
 
     loaded = load_run(args.dir, device=args.device)
     config = loaded.config
-    x, y = load_dataset(config.dataset).split(args.split)
+    data = load_dataset(dataset_of(args) or config.dataset)
+    check_fits(loaded.spec, data)
+    x, y = data.split(args.split)
     metrics = evaluate_model(loaded.model, x, y, device=args.device, softmax_scale=softmax_scale(config))
     if args.json:
         print_json({"dir": args.dir, "split": args.split, "step": loaded.step, "loss": config.loss, **metrics})
     else:
-        print(f"{args.dir}: {config.loss} on {config.dataset}, step {loaded.step}, split {args.split}")
+        print(f"{args.dir}: {config.loss} on {data.name}, step {loaded.step}, split {args.split}")
         print(text_table(summary_rows(metrics), [f"{args.split} metric", "single logit", "all logits"]))
     return 0

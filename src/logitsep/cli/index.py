@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_dataset, print_json
+from .common import add_dataset, dataset_of, print_json
 
 HELP = "embed a dataset split with a run's model and store it for class search"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder written by logitsep train")
-    add_dataset(p, required=False, help="default: the run's dataset")
+    add_dataset(p, required=False, help="default: the run's dataset (or --data)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test", "train_full"])
     p.add_argument("--out", required=True, help="index folder to create (header.json + vectors.f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..search import build_index
 
-    index = build_index(args.run, args.out, dataset=args.dataset, split=args.split, batch_size=args.batch_size,
+    index = build_index(args.run, args.out, dataset=dataset_of(args), split=args.split, batch_size=args.batch_size,
                         device=args.device, progress=None if not args.json else False, overwrite=args.overwrite)
     info = {"out": args.out, "count": len(index), "dim": index.dim, **index.meta}
     info.pop("class_names", None)

@@ -6,7 +6,17 @@ import argparse
 import math
 import sys
 
-from .common import MODEL_HELP, add_dataset, add_threads, apply_threads, float_list, loss_list, loss_names, print_json
+from .common import (
+    MODEL_HELP,
+    add_dataset,
+    add_threads,
+    apply_threads,
+    dataset_of,
+    float_list,
+    loss_list,
+    loss_names,
+    print_json,
+)
 
 HELP = "the paper's tables (and the alignment table of every loss)"
 
@@ -51,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
     if args.jobs < 1:
         args.parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    grid = Grid(dataset=args.dataset, losses=tuple(losses), steps=args.steps, lrs=tuple(lrs),
+    grid = Grid(dataset=dataset_of(args), losses=tuple(losses), steps=args.steps, lrs=tuple(lrs),
                 batch_size=args.batch_size, model=args.model, seed=args.seed, weight_decay=args.weight_decay)
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     make = {"table1": reproduce_table1, "table2": reproduce_table2, "alignment": reproduce_alignment}[args.table]
@@ -67,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     else:
         if args.table == "table1":
-            print(table1_markdown(rows, PAPER_TABLE1.get(args.dataset), PAPER_IMPROVEMENT.get(args.dataset),
+            print(table1_markdown(rows, PAPER_TABLE1.get(grid.dataset), PAPER_IMPROVEMENT.get(grid.dataset),
                                   markdown=False))
         else:
             print(paths["md"].read_text(encoding="utf-8").split("\n## ")[0])

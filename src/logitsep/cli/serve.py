@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     demo = parser.add_argument_group("demo", "--demo: train or reuse a small MNIST run and feed its test images")
     demo.add_argument("--demo", action="store_true", help="feed the test set to /ingest like a camera")
-    demo.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    demo.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "glyphs"])
+    demo.add_argument("--data", metavar="PATH", help="the demo on your own image data instead of --dataset (a "
+                                                     "folder of class folders of images, or uint8 image arrays)")
     demo.add_argument("--rate", type=float, default=20.0, help="images per second (default 20)")
     demo.add_argument("--limit", type=int, default=0, help="images to feed in all (default 0: cycle forever)")
     demo.add_argument("--steps", type=int, default=2000, help="training steps of the demo run (default 2000)")
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``logitsep serve``."""
     import torch
+
+    from ..data import data_path
 
     if args.run is None and not args.demo:
         args.parser.error("give a RUN folder, or --demo")
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from ..serve.demo import demo_run, feed
 
         tasks.append(feed(args.rate, args.limit, log=log))  # checks --rate before any training
-        run_dir = run_dir or demo_run(args.workdir, dataset=args.dataset, steps=args.steps, log=log)
+        dataset = data_path(args.data) if args.data is not None else args.dataset
+        run_dir = run_dir or demo_run(args.workdir, dataset=dataset, steps=args.steps, log=log)
     index = args.index
     if index is None and args.demo:
         index = cleanup = tempfile.mkdtemp(prefix="logitsep-demo-index-")

@@ -13,6 +13,7 @@ from .common import (
     add_dataset,
     add_threads,
     apply_threads,
+    dataset_of,
     loss_kwargs,
     loss_names,
     print_json,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
     apply_threads(args)
-    config = TrainConfig(dataset=args.dataset, model=args.model, loss=args.loss, steps=args.steps, lr=args.lr,
+    config = TrainConfig(dataset=dataset_of(args), model=args.model, loss=args.loss, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          loss_kwargs=loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule)

@@ -1,8 +1,9 @@
 """Optional parts of logitsep and the package extra that brings each.
 
 ``pip install logitsep`` gives the losses, metrics, heads, training and single-logit inference. The service
-(``[serve]``: FastAPI, uvicorn), approximate search (``[search]``: FAISS) and the plots of reports and
-benchmarks (``[plots]``: matplotlib) come with extras; ``make setup`` installs them all. :func:`require` imports
+(``[serve]``: FastAPI, uvicorn), approximate search (``[search]``: FAISS), the plots of reports and
+benchmarks (``[plots]``: matplotlib), torchvision and timm backbones (``[vision]``) and the printed-characters
+dataset (``[glyphs]``: fontTools) come with extras; ``make setup`` installs them all. :func:`require` imports
 one of them or raises :class:`MissingExtra`, whose message is one line naming the extra to install.
 """
 
@@ -18,6 +19,7 @@ EXTRAS = {
     "starlette": ("serve", "the web service (logitsep serve)"),
     "faiss": ("search", "approximate (IVF) class search"),
     "matplotlib": ("plots", "the plots of reports and benchmarks"),
+    "fontTools": ("glyphs", "the printed-characters dataset (glyphs)"),
 }
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}  # 8-bit (or less) modes; 16-bit PNGs are refused
+PNG_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}  # 8-bit (or less) modes; 16-bit images are refused
 _GRAY_MODES = {"1", "L", "LA"}
 
 
@@ -35,23 +35,25 @@ class UnsupportedImage(ValueError):
     """A readable image that the model cannot take (its size or its pixel format)."""
 
 
-def decode_png(data: bytes, where: str, size: tuple[int, int] | None = None,
-               channels: int | None = None) -> np.ndarray:
-    """Decode PNG bytes to ``uint8`` pixels: ``[H, W]`` for grayscale, ``[H, W, 3]`` for colour (alpha dropped,
-    palettes expanded). ``size`` (``(width, height)``): refuse any other size, checked before decoding.
-    ``channels`` (1 or 3): convert to grayscale (Pillow's ITU-R 601 luma, rounded) or RGB; None keeps the image's
-    own. ``where`` names the image in every error message."""
+def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, channels: int | None = None,
+                 formats: tuple[str, ...] = ("PNG",)) -> np.ndarray:
+    """Decode image bytes of one of ``formats`` (Pillow's names: ``"PNG"``, ``"JPEG"``) to ``uint8`` pixels:
+    ``[H, W]`` for grayscale, ``[H, W, 3]`` for colour (alpha dropped, palettes expanded). ``size``
+    (``(width, height)``): refuse any other size, checked before decoding. ``channels`` (1 or 3): convert to
+    grayscale (Pillow's ITU-R 601 luma, rounded) or RGB; None keeps the image's own. ``where`` names the image in
+    every error message."""
     from PIL import Image
 
-    if not data.startswith(PNG_SIGNATURE):
+    if formats == ("PNG",) and not data.startswith(PNG_SIGNATURE):
         raise InvalidImage(f"{where}: not a readable PNG image: not a PNG image, its PNG signature is missing")
+    kind = "/".join(formats)
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+        with Image.open(io.BytesIO(data), formats=list(formats)) as img:
             if size is not None and img.size != tuple(size):
                 raise UnsupportedImage(f"{where}: wrong image size {img.size[0]}x{img.size[1]}, the model takes "
                                        f"{size[0]}x{size[1]}")
             if img.mode not in PNG_MODES:
-                raise UnsupportedImage(f"{where}: unsupported PNG mode {img.mode!r} (8-bit grayscale or RGB "
+                raise UnsupportedImage(f"{where}: unsupported {kind} mode {img.mode!r} (8-bit grayscale or RGB "
                                        "expected)")
             img.load()
             mode = {1: "L", 3: "RGB"}.get(channels or 0, "L" if img.mode in _GRAY_MODES else "RGB")
@@ -62,7 +64,14 @@ def decode_png(data: bytes, where: str, size: tuple[int, int] | None = None,
         wanted = f", the model takes {size[0]}x{size[1]}" if size is not None else ""
         raise UnsupportedImage(f"{where}: wrong image size{wanted} ({err})") from None
     except Exception as err:  # any decoder failure on untrusted bytes is the input's fault
-        raise InvalidImage(f"{where}: not a readable PNG image (corrupt PNG: {type(err).__name__}: {err})") from None
+        raise InvalidImage(f"{where}: not a readable {kind} image (corrupt {kind}: {type(err).__name__}: {err})"
+                           ) from None
+
+
+def decode_png(data: bytes, where: str, size: tuple[int, int] | None = None,
+               channels: int | None = None) -> np.ndarray:
+    """:func:`decode_image` of PNG bytes (the service's and ``logitsep query``'s input)."""
+    return decode_image(data, where, size, channels, ("PNG",))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -116,9 +116,15 @@ def _train_one(config: TrainConfig, data: Splits, splits: tuple[str, ...], progr
 _WORKER_DATA: Splits | None = None
 
 
-def _worker_init(arrays: dict[str, Any], threads: int) -> None:
+def _worker_init(arrays: dict[str, Any] | str, threads: int) -> None:
+    """The worker's data: the arrays of a dataset held in memory, or the name of one read from disk (a worker
+    memory-maps its own files)."""
     global _WORKER_DATA
-    _WORKER_DATA = Splits(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()})
+    if isinstance(arrays, str):
+        _WORKER_DATA = load_dataset(arrays)
+    else:
+        _WORKER_DATA = Splits(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                 for k, v in arrays.items()})
     torch.set_num_threads(threads)
 
 
@@ -139,8 +145,9 @@ def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str,
     # The data travel as numpy arrays, pickled by value. Tensors would go through torch's multiprocessing
     # reductions, which move the parent's storages into shared memory and leave every numpy view taken
     # before (such as table2's test labels) pointing at freed memory.
-    arrays = {f.name: (v.numpy() if isinstance(v := getattr(data, f.name), torch.Tensor) else v)
-              for f in dataclasses.fields(data)}
+    arrays = data.name if data.on_disk else {
+        f.name: (v.numpy() if isinstance(v := getattr(data, f.name), torch.Tensor) else v)
+        for f in dataclasses.fields(data)}
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context, initializer=_worker_init,
                              initargs=(arrays, threads)) as pool:
         futures = [pool.submit(_worker_run, c, splits) for c in configs]

@@ -38,7 +38,7 @@ def build_index(run_dir: str | os.PathLike, out: str | os.PathLike, dataset: str
                          f"{spec.dataset} inputs of shape {spec.input_shape}")
     x, _ = data.split(split)
     model, head = run.model, run.model.head
-    names = list(spec.class_names)
+    names = list(spec.class_names)  # the model's classes (the items may come from other data)
     meta = {"run": str(Path(run_dir).resolve()), "dataset": data.name, "split": split, "model": spec.architecture,
             "loss": spec.loss, "step": run.step, "head": type(head).__name__, "num_classes": head.k,
             "embedding_dim": head.d, "head_sha256": head.fingerprint(),

@@ -9,12 +9,15 @@ loaders' x = pixel/256), to the service's own ingest path at a steady rate.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .service import Service, dataset_images, encode_png
+from ..core.images import encode_png
+from ..data import is_path
+from .service import Service, dataset_images
 
 DEMO_LOSS = "batch_ce"
 DEMO_LR = 0.03  # chosen on validation accuracy for batch_ce (see DEMO_LRS in logitsep/cli.py)
@@ -30,7 +33,8 @@ def demo_run(workdir: str | Path, dataset: str = "mnist", steps: int = 2000, see
     from ..classifier import calibrate_run
     from ..train import TrainConfig, train
 
-    run = Path(workdir).expanduser() / f"{dataset}-mlp-{DEMO_LOSS}-{steps}"
+    label = f"data-{hashlib.sha256(dataset.encode()).hexdigest()[:12]}" if is_path(dataset) else dataset
+    run = Path(workdir).expanduser() / f"{label}-mlp-{DEMO_LOSS}-{steps}"
     metrics = run / "metrics.json"
     if not metrics.is_file() or json.loads(metrics.read_text()).get("steps") != steps:
         log(f"training the demo run ({dataset}, MLP 2x500, {DEMO_LOSS}, {steps} steps) into {run} ...")

@@ -56,14 +56,6 @@ def dataset_images(dataset: str, split: str, input_shape: tuple[int, ...]) -> np
     return pixels_from_inputs(x, input_shape)
 
 
-def _model_layout(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    layout = image_layout(input_shape)
-    if layout is None:
-        raise ValueError(f"cannot serve images to a model with input shape {input_shape}: not [C, H, W], [H, W] or "
-                         "a flat square image")
-    return layout
-
-
 class Service:
     """A trained run (a :class:`~logitsep.classifier.SingleLogitClassifier` with thresholds) and a serve folder.
 
@@ -79,7 +71,7 @@ class Service:
         self.num_classes = int(classifier.num_classes)
         self.class_names = list(classifier.class_names)
         self.input_shape = tuple(classifier.input_shape)
-        self.layout = _model_layout(self.input_shape)
+        self.layout = image_layout(self.input_shape)  # None: a model of feature vectors (no images to ingest)
         if classifier.thresholds is None:
             run = classifier.run_dir or "RUN"
             raise ValueError(f"{run} has no calibrated thresholds (thresholds.json): run `logitsep calibrate {run}`")
@@ -137,7 +129,7 @@ class Service:
     def image(self, item_id: int) -> Path | bytes | None:
         """The image of a committed item: the path of its stored PNG, PNG bytes drawn from the dataset split the
         index was built from, or None (unknown id, or no image). May load the dataset: call it off the loop."""
-        if not 0 <= item_id < len(self.index):
+        if not 0 <= item_id < len(self.index) or self.layout is None:
             return None
         path = self.images / f"{item_id}.png"
         if path.is_file():
@@ -158,6 +150,10 @@ class Service:
 
     def decode(self, pngs: list[bytes], name: str = "images") -> np.ndarray:
         """All images of a request as one ``uint8`` array (:func:`~.requests.decode_images`)."""
+        if self.layout is None:
+            raise BadInput(f"{name}: cannot serve images to a model with input shape {list(self.input_shape)} (it "
+                           "takes feature vectors, not [C, H, W], [H, W] or flat square images); its index is "
+                           "searched by class (/search), built with `logitsep index`")
         return decode_images(pngs, self.layout, name)
 
     def class_vector(self, class_id: int) -> np.ndarray:

