@@ -20,6 +20,7 @@ from logitsep.data.glyphs import (
     glyphs_info,
     load_glyphs,
     render,
+    sample_grid,
     split_faces,
 )
 
@@ -114,6 +115,12 @@ def test_a_small_glyphs_dataset_is_built_once_and_split_by_font(tmp_path: Path, 
     assert (built[0] / "train_x.npy").stat().st_mtime_ns == before
     assert np.array_equal(np.asarray(again.valid_x), np.asarray(data.valid_x))
     assert json.loads((built[0] / "faces.json").read_text())["k"] == 30
+    png = sample_grid(data, tmp_path / "grid.png", faces_per_split=2, chars=10, scale=1)
+    from PIL import Image
+
+    rows = sum(min(2, n) for n in n_faces.values())
+    with Image.open(png) as img:  # up to 2 faces per split (16 px), two grey separators of 2 px; 10 characters
+        assert img.size == (160, rows * 16 + 2 * 2)
     with pytest.raises(DatasetNotFoundError, match="fonts-noto-cjk"):
         load_glyphs(k=30, fonts=[])
     assert FONT_PACKAGES[0] == "fonts-noto-cjk"

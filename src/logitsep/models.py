@@ -1,10 +1,14 @@
-"""The paper's networks (Keren, Sabato & Schuller, ICDM 2018, Section VI-A), and torchvision's by name.
+"""The models: the paper's networks (Keren, Sabato & Schuller, ICDM 2018, Section VI-A), a small ResNet, a head on
+feature vectors, and torchvision / timm backbones by name.
 
 Each model is ``features`` (input → embedding ``h``) followed by ``head`` (``h`` → logits, or cosines for the
 cosine-margin losses), so a single logit can be computed from ``h`` without the other classes.
-``"mlp"`` and ``"cnn"`` are the paper's networks: batch normalization then ReLU after every layer but the head.
-``"torchvision:NAME"`` (or a plain torchvision name) is a torchvision classification model whose final
-``nn.Linear`` is replaced by our head; it needs torchvision, which the paper's models do not.
+
+* ``"mlp"`` and ``"cnn"``: the paper's networks, batch normalization then ReLU after every layer but the head;
+* ``"resnet_small"``: a small ResNet for small images (the printed characters of ``glyphs``);
+* ``"linear"``: the head alone on (flattened) inputs, for feature vectors such as a foundation model's embeddings;
+* ``"torchvision:NAME"`` (or a plain torchvision name) and ``"timm:NAME"``: a backbone of those libraries whose
+  classifier is replaced by our head (:mod:`logitsep.backbones`; the ``[vision]`` extra).
 """
 
 from __future__ import annotations
@@ -93,13 +97,51 @@ def build_cnn(input_shape: Sequence[int], num_classes: int, head: str = "linear"
     return SLCModel(features, _make_head(head, 1024, num_classes, scale))
 
 
+class BasicBlock(nn.Module):
+    """He et al.'s basic residual block: two 3×3 convolutions with batch norm, ReLU after the first and after the
+    sum; the shortcut is a strided 1×1 convolution with batch norm when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet_small_features(in_channels: int = 1, widths: Sequence[int] = (16, 32, 64, 128),
+                          embedding: int = 256) -> nn.Sequential:
+    """A small ResNet for small images (such as 32×32 printed characters): a 3×3 stem of ``widths[0]`` maps, one
+    basic block per further width, each halving the resolution, global average pooling, then a dense layer of
+    ``embedding`` units with batch norm and ReLU (about 11 M multiply-adds per 32×32 image with the defaults)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                               nn.ReLU(inplace=True)]
+    for cin, cout in zip(widths, widths[1:], strict=False):
+        layers.append(BasicBlock(cin, cout, 2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], embedding), nn.BatchNorm1d(embedding),
+               nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def build_resnet_small(input_shape: Sequence[int], num_classes: int, head: str = "linear",
+                       scale: float = 1.0) -> SLCModel:
+    if len(input_shape) != 3:
+        raise ValueError(f"the small ResNet takes images [channels, height, width], got input shape {input_shape}")
+    return SLCModel(resnet_small_features(input_shape[0]), _make_head(head, 256, num_classes, scale))
+
+
 def build_linear(input_shape: Sequence[int], num_classes: int, head: str = "linear", scale: float = 1.0) -> SLCModel:
     """A head directly on the (flattened) inputs: a linear (or cosine) classifier over feature vectors, such as
     embeddings a foundation model computed."""
     return SLCModel(nn.Flatten(), _make_head(head, int(torch.tensor(input_shape).prod()), num_classes, scale))
 
 
-MODELS: dict[str, Callable[..., SLCModel]] = {"mlp": build_mlp, "cnn": build_cnn, "linear": build_linear}
+MODELS: dict[str, Callable[..., SLCModel]] = {"mlp": build_mlp, "cnn": build_cnn, "resnet_small": build_resnet_small,
+                                              "linear": build_linear}
 
 
 def _external_name(name: str) -> str:

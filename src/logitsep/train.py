@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -104,7 +105,11 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, device: str = "cpu",
                    softmax_scale: float = 1.0) -> dict[str, Any]:
     """SLC metrics of the single logits, plus the paper's "all logits" baseline: softmax of every logit
     (of ``softmax_scale``·cosine for a cosine head, the scale its loss trains with)."""
-    scores = predict(model, x, device=device)
+    return metrics_of_scores(predict(model, x, device=device), y, softmax_scale)
+
+
+def metrics_of_scores(scores: Tensor | np.ndarray, y: Tensor, softmax_scale: float = 1.0) -> dict[str, Any]:
+    """:func:`evaluate_model` from scores already computed (``[n, k]``)."""
     metrics = slc_metrics(scores, y)
     metrics["all_logits"] = slc_metrics(all_logits_scores(scores * softmax_scale), y)
     return metrics

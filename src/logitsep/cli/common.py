@@ -11,8 +11,8 @@ from ..core.files import json_default
 from ..core.keys import ROW_KEYS
 from ..data import DATASETS, data_path, dataset_name
 
-MODEL_HELP = ("mlp or cnn (the paper's networks), or a torchvision classification model as torchvision:NAME "
-              "(needs torchvision; checked when the model is built)")
+MODEL_HELP = ("mlp or cnn (the paper's networks), resnet_small (small images), linear (a head on feature "
+              "vectors), or a backbone as torchvision:NAME or timm:NAME (checked when the model is built)")
 
 
 def print_json(obj: Any) -> None:

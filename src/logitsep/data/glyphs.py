@@ -384,3 +384,53 @@ def glyphs_info(splits: Splits) -> dict:
     """The ``faces.json`` of a loaded glyphs dataset (its faces per split, the duplicates dropped)."""
     folder = Path(splits.train_x.parts[0][0].filename).parent
     return json.loads((folder / "faces.json").read_text(encoding="utf-8"))
+
+
+def sample_grid(splits: Splits, path: str | Path, faces_per_split: int = 4, chars: int = 16,
+                scale: int = 2) -> Path:
+    """A PNG of examples: for each split, the first image of ``faces_per_split`` of its faces (one row each),
+    ``chars`` characters across; rows of different splits separated by a grey line."""
+    from PIL import Image
+
+    from ..core.files import atomic_write
+
+    rows = []
+    draws = glyphs_info(splits)["train_draws"]
+    k = splits.num_classes
+    for split in ("train", "valid", "test"):
+        x, _ = splits.split(split)
+        per_face = k * (draws if split == "train" else 1)  # a face's images: its draws, each k characters
+        faces = len(x) // per_face
+        for face in np.linspace(0, faces - 1, min(faces_per_split, faces)).astype(int):
+            imgs = np.asarray(x[int(face) * per_face:int(face) * per_face + chars])[:, 0]
+            rows.append(np.concatenate(list((imgs * 256).clip(0, 255).astype(np.uint8)), axis=1))
+        rows.append(np.full((2, rows[-1].shape[1]), 128, np.uint8))
+    grid = np.concatenate(rows[:-1], axis=0)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m logitsep.data.glyphs [--k K] [--size S] --grid PNG``: build (or load) the dataset, print its faces
+    per split, and write a grid of samples."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m logitsep.data.glyphs", description=main.__doc__)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--grid", help="write a PNG grid of samples here")
+    args = parser.parse_args(argv)
+    data = load_glyphs(k=args.k, size=args.size)
+    info = glyphs_info(data)
+    for split in ("train", "valid", "test"):
+        print(f"{split}: {len(info['faces'][split])} faces, {len(np.asarray(data.split(split)[1]))} images: "
+              + ", ".join(info["faces"][split]))
+    print(f"{info['faces_covering']} faces cover the {args.k} characters, {info['faces_distinct']} are distinct; "
+          f"{len(info['duplicates_dropped'])} dropped as near-duplicates or undrawable")
+    if args.grid:
+        print(f"wrote {sample_grid(data, args.grid)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

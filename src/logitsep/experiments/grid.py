@@ -22,7 +22,7 @@ from ..core.checks import check_positive_int
 from ..core.keys import ROW_KEYS
 from ..data import Splits, load_dataset
 from ..losses import loss_spec
-from ..train import TrainConfig, predict, softmax_scale, train
+from ..train import TrainConfig, metrics_of_scores, predict, softmax_scale, train
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def run_losses(grid: Grid, data: Splits | None = None, progress: bool | None = N
     check_positive_int(jobs, "jobs")
     data = data if data is not None else load_dataset(grid.dataset)
     select = len(grid.lrs) > 1
-    splits = ("valid", "test") if select else ("test",)
     configs = grid.configs()
-    outcomes = _train_grid(configs, data, splits, progress, jobs)
+    outcomes = _train_grid(configs, data, select, progress, jobs)
+    test_y = np.asarray(data.test_y)
     rows = []
     for loss in grid.losses:
         best: dict[str, Any] | None = None
@@ -80,37 +80,48 @@ def run_losses(grid: Grid, data: Splits | None = None, progress: bool | None = N
             if isinstance(outcome, FloatingPointError):  # a diverging rate is a legitimate outcome of the grid
                 log(f"  {loss} lr={config.lr}: diverged ({outcome})")
                 continue
-            result, scores = outcome
-            valid_acc = result["valid"]["accuracy"] if select else math.nan
+            result, valid_acc, scores = outcome
             valid = f"valid acc={valid_acc:.4f}  " if select else ""
-            log(f"  {loss:>18} lr={config.lr:<6g} {valid}test acc={result['test']['accuracy']:.4f}  "
+            log(f"  {loss:>18} lr={config.lr:<6g} {valid}test acc={_accuracy(scores, test_y):.4f}  "
                 f"({result['train_seconds']:.0f}s)")
             if best is None or (select and valid_acc > best["valid_accuracy"]):
-                best = {"result": result, "lr": config.lr, "valid_accuracy": valid_acc}
-                if test_scores is not None:
-                    test_scores[loss] = scores
+                best = {"result": result, "lr": config.lr, "valid_accuracy": valid_acc, "scores": scores}
         if best is None:
             raise FloatingPointError(f"{loss}: every learning rate in {list(grid.lrs)} diverged")
-        test = best["result"]["test"]
+        if test_scores is not None:
+            test_scores[loss] = best["scores"]
+        scale = softmax_scale(TrainConfig(**best["result"]["config"]))
+        test = metrics_of_scores(best.pop("scores"), data.test_y, scale)  # the kept run's only: all k columns
         rows.append({"loss": loss, "pols_aligned": loss_spec(loss).pols_aligned, "lr": best["lr"],
                      **{k: test[k] for k in ROW_KEYS},
                      "valid_accuracy": None if not select else best["valid_accuracy"],
                      "all_logits": {k: test["all_logits"][k] for k in ROW_KEYS},
-                     "softmax_scale": softmax_scale(TrainConfig(**best["result"]["config"])),
+                     "softmax_scale": scale,
                      "train_seconds": best["result"]["train_seconds"], **grid.settings()})
     return rows
 
 
-Outcome = tuple[dict[str, Any], np.ndarray] | FloatingPointError
+Outcome = tuple[dict[str, Any], float, np.ndarray] | FloatingPointError
 
 
-def _train_one(config: TrainConfig, data: Splits, splits: tuple[str, ...], progress: bool | None) -> Outcome:
-    """One run of the grid: its metrics and its test scores, or the FloatingPointError of a diverging rate."""
+def _accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy (the first index on ties), as ``slc_metrics`` computes it; for multi-label targets the
+    fraction of examples whose top class is one of theirs."""
+    top = np.argmax(scores, axis=1)
+    hit = top == y if y.ndim == 1 else y[np.arange(len(y)), top] != 0
+    return float(np.mean(hit))
+
+
+def _train_one(config: TrainConfig, data: Splits, select: bool, progress: bool | None) -> Outcome:
+    """One run of the grid: its training result, validation accuracy (when a rate is to be selected) and test
+    scores, or the FloatingPointError of a diverging rate. The SLC metrics are computed later, for the kept run
+    only (at many classes they cost more than the predictions)."""
     try:
-        trained, result = train(config, data=data, progress=progress, eval_splits=splits)
+        trained, result = train(config, data=data, progress=progress, eval_splits=())
     except FloatingPointError as err:
         return err
-    return result, predict(trained, data.test_x).numpy()
+    valid = _accuracy(predict(trained, data.valid_x).numpy(), np.asarray(data.valid_y)) if select else math.nan
+    return result, valid, predict(trained, data.test_x).numpy()
 
 
 _WORKER_DATA: Splits | None = None
@@ -128,17 +139,17 @@ def _worker_init(arrays: dict[str, Any] | str, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(config: TrainConfig, splits: tuple[str, ...]) -> Outcome:
+def _worker_run(config: TrainConfig, select: bool) -> Outcome:
     assert _WORKER_DATA is not None, "worker used before its initializer ran"
-    return _train_one(config, _WORKER_DATA, splits, progress=False)
+    return _train_one(config, _WORKER_DATA, select, progress=False)
 
 
-def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str, ...], progress: bool | None,
+def _train_grid(configs: Sequence[TrainConfig], data: Splits, select: bool, progress: bool | None,
                 jobs: int) -> Iterator[Outcome]:
     """The outcomes of ``configs``, in order: one after the other here, or ``jobs`` at a time in fresh
     ("spawn") processes that each get the data once."""
     if jobs == 1 or len(configs) == 1:
-        yield from (_train_one(c, data, splits, progress) for c in configs)
+        yield from (_train_one(c, data, select, progress) for c in configs)
         return
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
@@ -150,7 +161,7 @@ def _train_grid(configs: Sequence[TrainConfig], data: Splits, splits: tuple[str,
         for f in dataclasses.fields(data)}
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=context, initializer=_worker_init,
                              initargs=(arrays, threads)) as pool:
-        futures = [pool.submit(_worker_run, c, splits) for c in configs]
+        futures = [pool.submit(_worker_run, c, select) for c in configs]
         try:
             for future in futures:
                 yield future.result()
