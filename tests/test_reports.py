@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -332,3 +337,43 @@ def test_alignment_still_works(tmp_path):
     rows = json.loads((tmp_path / "alignment.json").read_text())
     assert [r["loss"] for r in rows] == ["ce", "bce"]
     assert (tmp_path / "alignment.md").is_file() and (tmp_path / "alignment_logits.png").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_killed_grid_leaves_no_worker_training(tmp_path):
+    """``reproduce --jobs 2`` killed with SIGKILL: its worker processes end too (they would train on otherwise)."""
+    script = ("from logitsep.experiments import Grid, run_losses\n"
+              "run_losses(Grid('digits', ('ce', 'bce'), 10**6, (0.1,)), log=lambda s: None, jobs=2)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(workers := [c for c in _children(parent.pid)]) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the grid's workers did not start"
+        time.sleep(3)  # they are training now
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.time() + 20
+        while any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().rsplit(")", 1)[1][:3]
+                  for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+                 and "Z" not in open(f"/proc/{w}/stat").read().rsplit(")", 1)[1][:3]]
+        assert alive == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()

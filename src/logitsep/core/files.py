@@ -26,6 +26,11 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 
 
+def umask() -> int:
+    """The process's umask (read once at import)."""
+    return _UMASK
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` for a temporary file in the target's folder, then ``os.replace`` it."""
     path = Path(path)

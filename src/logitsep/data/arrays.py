@@ -19,17 +19,56 @@ of the wrong length, with empty or repeated names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.files import fsync_dir, umask
 from .splits import DatasetNotFoundError, Rows, Splits, carve_validation
 
 PIXEL_SCALE = 1.0 / 256.0
 SPLITS = ("train", "valid", "test")
 CHUNK_BYTES = 64 << 20  # rows checked per step of a pass over a memory map
+
+
+def write_arrays(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str],
+                 extra: dict[str, object] | None = None) -> Path:
+    """Write an arrays folder at ``out`` (``{split}_x.npy``, ``{split}_y.npy``, ``classes.txt`` and ``extra``
+    JSON files): built in a temporary folder beside it, every file fsynced, then renamed into place, so ``out``
+    appears complete or not at all. When another process renamed its own build first, that one is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a cache is read like any other folder
+    try:
+        files: dict[str, bytes | np.ndarray] = {f"{s}_{p}.npy": a for s, (x, y) in splits.items()
+                                                 for p, a in (("x", x), ("y", y))}
+        files["classes.txt"] = "".join(f"{n}\n" for n in class_names).encode("utf-8")
+        files.update({name: (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                      for name, obj in (extra or {}).items()})
+        for name, content in files.items():
+            with open(tmp / name, "wb") as f:
+                if isinstance(content, np.ndarray):
+                    np.save(f, content, allow_pickle=False)
+                else:
+                    f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process built it meanwhile
+            if not (out / "train_x.npy").is_file():
+                raise
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def is_arrays_folder(folder: Path) -> bool:

@@ -16,17 +16,13 @@ of ``valid``/``test`` that ``train`` does not have.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.files import fsync_dir
 from ..core.images import decode_image
-from .arrays import SPLITS, load_arrays
+from .arrays import SPLITS, load_arrays, write_arrays
 from .splits import DatasetNotFoundError, Splits, data_root
 
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -114,29 +110,7 @@ def build_arrays(folder: Path, out: Path, progress: bool | None = None,
     """Decode an image folder into the arrays folder ``out`` (temporary folder, fsync, rename)."""
     listing = listing if listing is not None else _listing(folder)
     arrays, names = _decode_all(listing, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for split, (x, y) in arrays.items():
-            for part, a in (("x", x), ("y", y)):
-                with open(tmp / f"{split}_{part}.npy", "wb") as f:
-                    np.save(f, a, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-        with open(tmp / "classes.txt", "w", encoding="utf-8") as f:
-            f.write("".join(f"{n}\n" for n in names))
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process built it meanwhile
-            if not (out / "train_x.npy").is_file():
-                raise
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_arrays(out, arrays, names)
 
 
 def load_image_folder(folder: str | Path, seed: int = 0, progress: bool | None = None) -> Splits:

@@ -15,7 +15,8 @@ white ink on black, scaled to fit the glyph's ink box, then a seeded augmentatio
 
 **Faces that look the same are one face**: each face renders 48 probe characters, and faces whose images differ
 by less than ``DUPLICATE_DISTANCE`` (mean absolute difference in [0, 1]) from a face kept before are dropped
-(Noto Sans CJK JP, SC, TC, KR, HK of one weight; IPA Gothic and Takao Gothic; ...).
+(Noto Sans CJK KR and HK next to JP, SC and TC of one weight; IPA Gothic and Takao Gothic; ...). So are faces that
+FreeType cannot draw, or that draw blank images (their cmap maps the characters to empty outlines).
 
 **Splits by font**: the kept faces are grouped into designs (the family name without region and weight words,
 e.g. all weights of Noto Serif CJK), designs are shuffled with ``seed`` and dealt to test, valid and train until
@@ -34,8 +35,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -46,8 +45,8 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_positive_int
 from ..core.extras import require
-from ..core.files import fsync_dir, write_json
-from .arrays import load_arrays
+from ..core.files import write_json
+from .arrays import load_arrays, write_arrays
 from .splits import DatasetNotFoundError, Splits, data_root
 
 #: Debian packages with CJK faces (``make data`` installs them as root).
@@ -72,7 +71,7 @@ DEFAULT_K = 2965
 MAX_K = 6355
 DUPLICATE_DISTANCE = 0.02
 PROBES = 48
-VERSION = 1  # of the rendering: part of the cache key
+VERSION = 2  # of the rendering: part of the cache key
 
 
 # --------------------------------------------------------------------------------------------- the classes
@@ -237,6 +236,9 @@ def render(face: Face, chars: Sequence[str], size: int, rng: np.random.Generator
     return out
 
 
+BLANK_LEVEL = 32  # a plain rendering whose brightest pixel is darker than this holds no glyph
+
+
 def _render_job(args: tuple[Face, list[str], int, int | None]) -> np.ndarray | None:
     """One face's images, or None when FreeType cannot draw one of its glyphs (a broken hinting program)."""
     face, chars, size, seed = args
@@ -254,8 +256,8 @@ def distinct_faces(faces: Sequence[Face], chars: Sequence[str], size: int = 32,
     dropped: dict[str, str] = {}
     for face in faces:
         img = _render_job((face, list(chars), size, None))
-        if img is None:
-            dropped[face.label] = "(FreeType cannot draw its glyphs)"
+        if img is None or (img.reshape(len(img), -1).max(axis=1) < BLANK_LEVEL).any():
+            dropped[face.label] = "(FreeType cannot draw its glyphs, or draws blank ones)"
             continue
         img = img.astype(np.float32) / 255
         twin = next((f for f, other in kept if float(np.abs(img - other).mean()) < distance), None)
@@ -330,34 +332,19 @@ def build_glyphs(out: Path, k: int, size: int, seed: int, train_draws: int, face
     failed = sorted({job[0].label for job, img in zip(jobs_list, images, strict=True) if img is None})
     for name in split:  # a face FreeType cannot draw every glyph of is left out of its split
         split[name] = [f for f in split[name] if f.label not in failed]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for name in ("train", "valid", "test"):
-            parts = [img for img, w in zip(images, where, strict=True) if w == name and img is not None]
-            x = np.concatenate(parts)[:, None]
-            y = np.tile(np.arange(k, dtype=np.int64), len(parts))
-            for part, a in (("x", x), ("y", y)):
-                with open(tmp / f"{name}_{part}.npy", "wb") as f:
-                    np.save(f, a, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in chars), encoding="utf-8")
-        info = {"k": k, "size": size, "seed": seed, "train_draws": train_draws, "version": VERSION,
-                "faces": {name: [f.label for f in fs] for name, fs in split.items()},
-                "designs": {name: sorted({f.design for f in fs}) for name, fs in split.items()},
-                "duplicates_dropped": dropped, "render_failed": failed, "faces_covering": len(faces),
-                "faces_distinct": len(kept)}
-        write_json(tmp / "faces.json", info)
-        fsync_dir(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # built by another process meanwhile
-            if not (out / "train_x.npy").is_file():
-                raise
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not split[name]:
+            raise ValueError(f"glyphs: no face of the {name} split can be drawn (left out: {', '.join(failed)})")
+    arrays = {}
+    for name in ("train", "valid", "test"):
+        parts = [img for img, w, job in zip(images, where, jobs_list, strict=True)
+                 if w == name and job[0].label not in failed]
+        arrays[name] = (np.concatenate(parts)[:, None], np.tile(np.arange(k, dtype=np.int64), len(parts)))
+    info = {"k": k, "size": size, "seed": seed, "train_draws": train_draws, "version": VERSION,
+            "faces": {name: [f.label for f in fs] for name, fs in split.items()},
+            "designs": {name: sorted({f.design for f in fs}) for name, fs in split.items()},
+            "duplicates_dropped": dropped, "render_failed": failed, "faces_covering": len(faces),
+            "faces_distinct": len(kept)}
+    write_arrays(out, arrays, chars, {"faces.json": info})
     return info
 
 

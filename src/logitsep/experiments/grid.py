@@ -127,10 +127,24 @@ def _train_one(config: TrainConfig, data: Splits, select: bool, progress: bool |
 _WORKER_DATA: Splits | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies (a killed ``reproduce`` leaves no worker training)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _worker_init(arrays: dict[str, Any] | str, threads: int) -> None:
     """The worker's data: the arrays of a dataset held in memory, or the name of one read from disk (a worker
     memory-maps its own files)."""
     global _WORKER_DATA
+    _die_with_parent()
     if isinstance(arrays, str):
         _WORKER_DATA = load_dataset(arrays)
     else:
