@@ -36,7 +36,7 @@ data: $(VENV)/.setup
 
 # ruff, then the layering contracts of pyproject.toml ([tool.importlinter]: imports point one way, no cycles)
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 	$(BIN)/lint-imports
 
 # The browser test drives Debian's chromium through chromium-driver (never a downloaded browser): install them
