@@ -119,14 +119,14 @@ def test_mnist_loader_reads_a_numpy_pickle_and_checks_its_layout(tmp_path, proto
 
 
 def test_unknown_names_list_the_valid_ones():
-    names = "cifar10, cifar100, digits, fashion_mnist, mnist, svhn, synthetic"
+    names = "cifar10, cifar100, digits, fashion_mnist, glyphs, mnist, svhn, synthetic"
     with pytest.raises(ValueError, match=f"valid names: {names}"):
         load_dataset("cifar1000")
     with pytest.raises(ValueError, match="valid splits"):
         load_dataset("digits").split("validation")
     with pytest.raises(ValueError, match="valid names: cnn, linear, mlp"):
         build_model("resnet", (784,), 10)
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "digits", "synthetic"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "digits", "synthetic", "glyphs"}
     small = load_dataset("synthetic", num_classes=3, dim=2, per_class_train=4)  # keyword arguments reach the loader
     assert small.train_x.shape == (12, 2)
     with pytest.raises(TypeError, match="valid_size"):
@@ -580,7 +580,7 @@ def test_torchvision_errors(fake_torchvision):
         build_model("torchvision:resnet_like", (784,), 4)
     with pytest.raises(ValueError, match="unknown model 'torchvision:resnet9000'.*resnet_like"):
         build_model("torchvision:resnet9000", (3, 16, 16), 4)
-    with pytest.raises(ValueError, match="valid names: cnn, linear, mlp, 'timm:NAME' for a timm "
+    with pytest.raises(ValueError, match="valid names: cnn, linear, mlp, resnet_small, 'timm:NAME' for a timm "
                                          "model, or a torchvision .*densenet_like"):
         check_model_name("alexnet")
     assert final_linear(_VGGLike())[0] == "classifier.3"
