@@ -92,7 +92,10 @@ def separation_plot(scores: Mapping[str, Any], target: Any, order: Sequence[str]
     for ax, name in zip(axes.flat, names, strict=False):
         s = np.asarray(scores[name], dtype=np.float64)
         true_mask = _true_mask(s.shape, target)
-        lo, hi = np.percentile(s, [0.05, 99.95])
+        # the range of the bulk of the false logits and of the true ones: with thousands of classes the true logits
+        # are the top 0.03% of all logits, and a range from the pooled percentiles would cut them off
+        lo = min(np.percentile(s[~true_mask], 0.05), np.percentile(s[true_mask], 0.05))
+        hi = max(np.percentile(s[~true_mask], 99.95), np.percentile(s[true_mask], 99.95))
         bins = np.linspace(lo, hi, 80)
         ax.hist(s[~true_mask], bins=bins, density=density, alpha=0.6, color="tab:red", label="false logits")
         ax.hist(s[true_mask], bins=bins, density=density, alpha=0.6, color="tab:blue", label="true logits")
