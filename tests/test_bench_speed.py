@@ -14,7 +14,7 @@ from torch import nn
 
 from logitsep.bench import search as bench_search
 from logitsep.bench import speed
-from logitsep.bench._common import alternating_rounds, paired_ratio
+from logitsep.bench._common import alternating_rounds, int_list, paired_ratio
 from logitsep.cli import main
 
 
@@ -75,11 +75,11 @@ def test_interleaved_reverses_the_order_every_other_round() -> None:
 
 
 def test_class_list_parsing() -> None:
-    assert speed._int_list("1024, 2^14,2^18.5") == [1024, 16384, 370728]
+    assert int_list("1024, 2^14,2^18.5") == [1024, 16384, 370728]
     assert speed.CLASSES == (1024, 16384, 65536, 262144, 370728)
     for bad in ("x", "2^y", "0", ""):
         with pytest.raises(Exception, match="expected|positive"):
-            speed._int_list(bad)
+            int_list(bad)
 
 
 def test_bench_speed_writes_rows_and_figure(tmp_path: Path) -> None:

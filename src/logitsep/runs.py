@@ -32,7 +32,7 @@ import torch
 from .core.checks import check_positive_int
 from .core.files import check_versioned, invalid, read_json, write_json
 from .core.images import image_layout
-from .losses import LOSSES, loss_spec
+from .losses import LOSSES, SAMPLED_FORMS, loss_spec
 from .models import SLCModel, build_model, check_model_name
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -67,6 +67,7 @@ class TrainConfig:
     train_split: str = "train"
     head_scale: float = 1.0
     device: str = "cpu"
+    sampled: int = 0  # >0: the loss's sampled form with this many candidate draws per step (losses.sampled)
 
     def validate(self) -> TrainConfig:
         if self.loss not in LOSSES:
@@ -84,6 +85,11 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay}")
+        check_positive_int(self.sampled, "sampled", minimum=0)
+        if self.sampled and loss_spec(self.loss).sampled is None:
+            with_form = ", ".join(sorted(SAMPLED_FORMS))
+            raise ValueError(f"sampled={self.sampled}: loss {self.loss!r} has no sampled form (those with one: "
+                             f"{with_form})")
         return self
 
 

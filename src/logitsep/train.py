@@ -1,5 +1,9 @@
 """Training loop: a model, a registered loss, SGD with momentum; safetensors checkpoints, exact resume, DDP.
 
+Sampled training (``sampled`` > 0 in the config, ``--sampled N``): the loss's sampled form
+(:mod:`logitsep.losses.sampled`) scores the batch's classes plus ``N`` drawn ones, the head gets a sparse gradient
+and :class:`logitsep.optim.RowSparseSGD` updates those rows only, so a step's cost does not grow with k.
+
 Optimiser: ``torch.optim.SGD`` with heavy-ball momentum μ (default 0.9) and optional weight decay λ:
 ``v ← μ·v + (g + λ·θ)``, ``θ ← θ − η_t·v``, with the learning rate η_t decayed by a cosine from ``lr`` at step 0
 towards 0 at step ``steps`` (``schedule="cosine"``), or constant. The paper (Keren, Sabato & Schuller, ICDM 2018,
@@ -51,9 +55,10 @@ from . import distributed
 from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
-from .losses import get_loss, loss_spec, value_checks
+from .losses import SampledLoss, get_loss, loss_spec, value_checks
 from .metrics import all_logits_scores, slc_metrics
 from .models import SLCModel, build_model
+from .optim import RowSparseSGD
 from .runs import CHECKPOINT, LOG, METRICS, STATE, THRESHOLDS, WEIGHTS, TrainConfig, model_spec, write_spec
 from .thresholds import calibrate_scores
 
@@ -88,7 +93,11 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with heavy-ball momentum and weight decay (see the module docstring)."""
+    """SGD with heavy-ball momentum and weight decay (see the module docstring); :class:`RowSparseSGD` (the same
+    rule, row by row on the head's sparse gradients) for sampled training."""
+    if config.sampled:
+        return RowSparseSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
@@ -161,8 +170,9 @@ def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.
         rng = tensors["rng/cpu"]
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    changed = [f"{k}={saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in asdict(config).items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    defaults = asdict(TrainConfig())  # a field added since the checkpoint was written has its default there
+    changed = [f"{k}={saved.get(k, defaults[k])!r} in the checkpoint, {v!r} now" for k, v in asdict(config).items()
+               if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
     if changed:
         raise ValueError(f"--resume: {out} holds a different run: " + "; ".join(changed))
     state: dict[int, dict[str, Tensor]] = {}
@@ -308,6 +318,9 @@ def train(config: TrainConfig, data: Splits | None = None, out: str | Path | Non
 def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ctx: distributed.Context) -> _Session:
     """The model, optimizer and loss of the run, restored from ``out``'s checkpoint when resuming; ``model.json``."""
     x, _ = data.split(config.train_split)
+    if config.sampled and ctx.world_size > 1:
+        raise ValueError("sampled training (--sampled) runs in one process: its sparse head gradients are not "
+                         "averaged by DDP; for heads too large for one device see --shard-head")
     if ctx.world_size > 1 and config.batch_size > len(x):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(x)} training examples")
     torch.manual_seed(config.seed)
@@ -315,8 +328,9 @@ def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ct
                         scale=config.head_scale).to(ctx.device)
     model = distributed.convert_batchnorm(model, ctx)
     optimizer = make_optimizer(model, config)
-    session = _Session(config, data, out, ctx, model, model, optimizer,
-                       get_loss(config.loss, **config.loss_kwargs).to(ctx.device), window=[])
+    loss_fn = SampledLoss(config.loss, config.sampled, **config.loss_kwargs) if config.sampled \
+        else get_loss(config.loss, **config.loss_kwargs)
+    session = _Session(config, data, out, ctx, model, model, optimizer, loss_fn.to(ctx.device), window=[])
     if resume:
         session.resumed = True
         session.start, session.elapsed_before, session.window = _load_checkpoint(out, model, optimizer, config)
@@ -394,6 +408,11 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
                check_values: bool) -> Tensor:
     """The loss of one step (over the global batch where the loss needs it); non-finite logits are reported
     as the step where training diverged."""
+    if s.config.sampled:  # the head's rows of the candidate classes only (losses.sampled)
+        h = s.net.embed(xb)
+        head = s.model.head
+        with value_checks(check_values):  # a non-finite loss is caught at the next flush, naming its step
+            return s.loss_fn(h, head.weight, head.bias, yb)
     logits = s.net(xb)
     try:
         with value_checks(check_values):

@@ -144,3 +144,18 @@ def alternating_rounds(fns: dict[str, Callable[[], object]], rounds: int, device
         for name in names if i % 2 == 0 else names[::-1]:
             times[name].append(time_call(fns[name], repeat=1, warmup=0, device=device, min_time=min_time))
     return times
+
+
+def int_list(text: str) -> list[int]:
+    """``"1024,16384"`` or powers of two as ``"2^10,2^18.5"`` (rounded to the nearest integer)."""
+    values = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            values.append(round(2 ** float(item[2:])) if item.startswith("2^") else int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers or 2^x, got {item!r}") from None
+        if values[-1] < 1:
+            raise argparse.ArgumentTypeError(f"class counts must be positive, got {item!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one class count")
+    return values

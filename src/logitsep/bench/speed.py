@@ -43,6 +43,7 @@ from ._common import (
     alternating_rounds,
     apply_threads,
     environment,
+    int_list,
     paired_ratio,
     ratio_quartiles,
     steady_allocator,
@@ -207,21 +208,6 @@ def _plot(rows: list[dict[str, Any]], path: Path, device_name: str) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def _int_list(text: str) -> list[int]:
-    """``"1024,16384"`` or powers of two as ``"2^10,2^18.5"`` (rounded to the nearest integer)."""
-    values = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            values.append(round(2 ** float(item[2:])) if item.startswith("2^") else int(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected integers or 2^x, got {item!r}") from None
-        if values[-1] < 1:
-            raise argparse.ArgumentTypeError(f"class counts must be positive, got {item!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one class count")
-    return values
-
-
 def _name_list(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in BACKBONES]
@@ -233,7 +219,7 @@ def _name_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--classes", type=_int_list, default=list(CLASSES),
+    parser.add_argument("--classes", type=int_list, default=list(CLASSES),
                         help="comma-separated k values, integers or 2^x (default 2^10,2^14,2^16,2^18,2^18.5)")
     parser.add_argument("--backbones", type=_name_list, default=None,
                         help=f"comma-separated, from {', '.join(BACKBONES)} (default: all; torchvision ones "

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "losses": "forward+backward of every loss against cross-entropy",
     "train": "steps/s of the trainer (logitsep.train.train) against a bare PyTorch loop, same model/loss/data",
     "speed": "paper Table III / Figure 1: forward time with 1 output unit (SLC) vs k units, per backbone",
+    "classes": "one training step against k: exact losses vs their sampled forms (ms/step, peak memory)",
     "head": "the head alone: all k logits against one class's logit (all_ms, slc_ms, speedup)",
     "search": "exact class search scan rate vs memory bandwidth and torch.mv; FAISS IVF recall and speed-up",
     "zscore": "z-score of one class from cached O(d^2) statistics against the z-score of all k logits",

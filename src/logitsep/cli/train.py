@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one of: " + ", ".join(loss_names()))
     p.add_argument("--loss-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword argument of the loss, e.g. --loss-arg alpha=0.1 (repeatable)")
+    p.add_argument("--sampled", type=int, default=0, metavar="N",
+                   help="train with the loss's sampled form (bce, nce, batch_ce): score the batch's classes plus N "
+                        "drawn ones, update only those head rows; a step's cost does not grow with the number of "
+                        "classes (default 0: exact, every logit)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(dataset=dataset_of(args), model=args.model, loss=args.loss, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          loss_kwargs=loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split,
-                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule)
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         sampled=args.sampled)
     _, result = train(config, out=args.out, resume=args.resume, eval_splits=("valid", "test"),
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard)
     if rank() != 0:  # under torchrun only rank 0 reports

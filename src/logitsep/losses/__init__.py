@@ -10,6 +10,8 @@ True
 Families: ``softmax`` (ce, self_norm, decoupled_softmax), ``margin`` (max_margin), ``binary`` (bce, nce),
 ``batch`` (batch_ce, batch_max_margin), ``spherical`` (z_loss), ``topk`` (smooth_topk_svm),
 ``cosine`` (cosface, arcface, elasticface, norm_softmax; these take cosines, see ``logitsep.heads.CosineHead``).
+``sampled``: the sampled forms of bce, nce and batch_ce (features and head rows in, a candidate set of classes
+scored: a step's cost does not grow with k; ``loss_spec(name).sampled``, :class:`SampledLoss`).
 """
 
 from ..core.checks import value_checks, value_checks_enabled
@@ -28,7 +30,16 @@ from .cosine import (
     norm_softmax,
 )
 from .margin import MaxMarginLoss, max_margin
-from .registry import LOSS_SPECS, LOSSES, LossSpec, get_loss, loss_spec, register
+from .registry import LOSS_SPECS, LOSSES, SAMPLED_FORMS, LossSpec, get_loss, loss_spec, register, register_sampled
+from .sampled import (
+    Candidates,
+    SampledLoss,
+    sample_candidates,
+    sampled_batch_ce,
+    sampled_bce,
+    sampled_logits,
+    sampled_nce,
+)
 from .softmax import (
     CrossEntropyLoss,
     DecoupledSoftmaxLoss,
@@ -44,6 +55,15 @@ __all__ = [
     "LOSSES",
     "LOSS_SPECS",
     "LossSpec",
+    "SAMPLED_FORMS",
+    "Candidates",
+    "SampledLoss",
+    "sample_candidates",
+    "sampled_batch_ce",
+    "sampled_bce",
+    "sampled_logits",
+    "sampled_nce",
+    "register_sampled",
     "loss_spec",
     "ArcFaceLoss",
     "CosFaceLoss",

@@ -113,7 +113,7 @@ def binary_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean"
     return reduce(per_row, reduction)
 
 
-def _check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+def check_noise(noise: Tensor | None, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """The noise distribution ``q`` as a float64-checked probability vector of length ``k`` (uniform if None),
     returned in ``dtype`` (the logits' compute dtype, so float64 logits get a float64 ``q``)."""
     if noise is None:
@@ -173,11 +173,11 @@ def nce(
             if noise is None:  # uniform q: the shift log(t/k) and the weight t/k are numbers
                 shift, weight = math.log(num_noise / k), num_noise / k
             else:
-                q = _check_noise(noise, k, z.device, z.dtype)
+                q = check_noise(noise, k, z.device, z.dtype)
                 shift, weight = _log_tq(q, num_noise, z.dtype), num_noise * q
             return reduce(_SoftplusRows.apply(z, shift, weight, target), reduction)
         n_pos = torch.ones(m, dtype=z.dtype, device=z.device)
-    q = _check_noise(noise, k, z.device, z.dtype)
+    q = check_noise(noise, k, z.device, z.dtype)
     # log(t·q_j); classes with q_j = 0 never appear as noise and have g_j = 1 (kept finite, masked below).
     log_tq = _log_tq(q, num_noise, z.dtype)
     # s = z − log(t·q) is the logit of g, finite everywhere thanks to the clamp in _log_tq.
@@ -234,7 +234,7 @@ class NCELoss(nn.Module):
             if noise.dim() != 1:
                 shape = tuple(noise.shape)
                 raise ValueError(f"nce: noise must be a probability vector of length k (1-D), got shape {shape}")
-            _check_noise(noise, noise.shape[0], noise.device)
+            check_noise(noise, noise.shape[0], noise.device)
         self.register_buffer("noise", None if noise is None else noise.detach().clone())
         self.sampled = bool(sampled)
         self.generator = generator

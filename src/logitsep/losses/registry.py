@@ -9,6 +9,8 @@ rest of logitsep needs to know about a loss, in one place:
 * ``inputs``: ``"logits"``, or ``"cosines"`` for the cosine-margin losses (a model trained with one ends with a
   ``CosineHead``: :attr:`LossSpec.head`);
 * ``multilabel``: whether it also takes ``[m, k]`` 0/1 targets;
+* ``sampled``: the sampled form (features, head rows and targets in; only the logits of a candidate set computed;
+  :mod:`.sampled`), or None for losses without one;
 * ``global_batch``: whether a built loss must see the whole batch of a data-parallel step
   (:meth:`LossSpec.needs_global_batch`): it couples the examples of a batch (``batch_ce``, ElasticFace+), or it
   draws random numbers per example (sampled ``nce``, ElasticFace with ``std > 0``), which on the global batch are
@@ -39,6 +41,11 @@ class LossSpec:
     global_batch: bool | Callable[[nn.Module], bool] = False
 
     @property
+    def sampled(self) -> Callable[..., object] | None:
+        """The sampled form of this loss (see :mod:`logitsep.losses.sampled`), or None."""
+        return SAMPLED_FORMS.get(self.name)
+
+    @property
     def head(self) -> str:
         """The head a model trained with this loss ends with: ``"cosine"`` for cosine inputs, else ``"linear"``."""
         return "cosine" if self.inputs == "cosines" else "linear"
@@ -50,6 +57,7 @@ class LossSpec:
 
 LOSSES: dict[str, type[nn.Module]] = {}
 LOSS_SPECS: dict[str, LossSpec] = {}
+SAMPLED_FORMS: dict[str, Callable[..., object]] = {}
 
 
 def register(name: str, *, pols_aligned: bool | None, functional: Callable[..., object], inputs: str = "logits",
@@ -67,6 +75,20 @@ def register(name: str, *, pols_aligned: bool | None, functional: Callable[..., 
         LOSSES[name] = cls
         LOSS_SPECS[name] = LossSpec(name, cls, functional, pols_aligned, inputs, multilabel, global_batch)
         return cls
+
+    return add
+
+
+def register_sampled(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Function decorator: record the sampled form of the registered loss ``name``."""
+
+    def add(fn: Callable[..., object]) -> Callable[..., object]:
+        if name not in LOSSES:
+            raise ValueError(f"register_sampled: no loss {name!r} is registered")
+        if name in SAMPLED_FORMS:
+            raise ValueError(f"the sampled form of {name!r} is registered twice")
+        SAMPLED_FORMS[name] = fn
+        return fn
 
     return add
 

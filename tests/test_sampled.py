@@ -1,0 +1,302 @@
+"""Sampled losses (logitsep.losses.sampled), sparse row gathers and RowSparseSGD (logitsep.optim)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from logitsep.core.rows import gather_rows
+from logitsep.losses import (
+    Candidates,
+    SampledLoss,
+    batch_cross_entropy,
+    binary_cross_entropy,
+    loss_spec,
+    nce,
+    sample_candidates,
+    sampled_batch_ce,
+    sampled_bce,
+    sampled_nce,
+)
+from logitsep.optim import RowSparseSGD
+
+EXACT = {"bce": binary_cross_entropy, "nce": nce, "batch_ce": batch_cross_entropy}
+SAMPLED = {"bce": sampled_bce, "nce": sampled_nce, "batch_ce": sampled_batch_ce}
+
+
+def _problem(m=6, k=11, d=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, d, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(k, d, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(k, generator=g, dtype=dtype, requires_grad=True)
+    y = torch.randint(k, (m,), generator=g)
+    return h, w, b, y
+
+
+def _noise(k, seed=1):
+    q = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("name", ["bce", "nce", "batch_ce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_full_coverage_equals_the_exact_loss_values_and_gradients(name, reduction):
+    h, w, b, y = _problem()
+    k = w.shape[0]
+    kwargs = {"num_noise": 7} if name == "nce" else {}
+    exact = EXACT[name](h @ w.T + b, y, reduction=reduction, **kwargs)
+    grads_exact = torch.autograd.grad(exact.sum(), (h, w, b))
+    sampled = SAMPLED[name](h, w, b, y, num_sampled=k, reduction=reduction, **kwargs)
+    grads = torch.autograd.grad(sampled.sum(), (h, w, b))
+    torch.testing.assert_close(sampled, exact, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_exact, strict=True):
+        torch.testing.assert_close(got.to_dense(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_full_coverage_nce_with_a_custom_noise_distribution():
+    h, w, b, y = _problem()
+    q = _noise(w.shape[0])
+    exact = nce(h @ w.T + b, y, num_noise=5, noise=q)
+    torch.testing.assert_close(sampled_nce(h, w, b, y, 10**6, num_noise=5, noise=q), exact, rtol=1e-12, atol=0)
+
+
+def _mean_over_draws(name, num_sampled, draws, **kwargs):
+    h, w, b, y = _problem(m=4, k=40, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        values = torch.stack([SAMPLED[name](h, w, b, y, num_sampled, generator=gen, **kwargs) for _ in range(draws)])
+        exact = EXACT[name](h @ w.T + b, y, **{k: v for k, v in kwargs.items()})
+    return values, exact
+
+
+@pytest.mark.parametrize("name,kwargs", [("bce", {}), ("nce", {"num_noise": 5}), ("nce", {"num_noise": 5,
+                                                                                          "noise": _noise(40)})])
+def test_bce_and_nce_estimates_are_unbiased(name, kwargs):
+    values, exact = _mean_over_draws(name, num_sampled=6, draws=3000, **kwargs)
+    sem = values.std() / math.sqrt(len(values))
+    assert abs(values.mean() - exact) < 4 * sem, (float(values.mean()), float(exact), float(sem))
+    assert values.std() > 0  # the candidates did vary: the test is not the full-coverage case
+
+
+@pytest.mark.parametrize("name", ["bce", "nce", "batch_ce"])
+def test_estimates_approach_the_exact_loss_as_the_sample_grows(name):
+    errors = []
+    for num_sampled in (2, 8, 32, 128):
+        values, exact = _mean_over_draws(name, num_sampled, draws=300)
+        errors.append(float(((values - exact) ** 2).mean().sqrt()))  # RMS error: bias and spread together
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 0.2 * errors[0], errors
+
+
+def test_sampled_batch_ce_is_biased_low_by_jensen():
+    values, exact = _mean_over_draws("batch_ce", num_sampled=4, draws=2000)
+    assert float(values.mean()) < float(exact)
+    assert float(values.max()) <= float(exact) + 1e-9 or float(values.mean()) < float(exact)
+
+
+def test_inclusion_weights_match_a_brute_force_probability():
+    k, n = 9, 5
+    y = torch.tensor([0, 0])
+    q = _noise(k)
+    c = sample_candidates(y, k, n, noise=q, dtype=torch.float64)
+    for j, lw in zip(c.classes.tolist(), c.log_weight.tolist(), strict=True):
+        if j == 0:
+            assert lw == 0.0  # a true class of the batch is always in
+            continue
+        miss = 1.0
+        for _ in range(n):
+            miss *= 1.0 - float(q[j])
+        assert math.isclose(-lw, math.log(1.0 - miss), rel_tol=1e-12)
+    assert c.classes[c.target_pos].tolist() == y.tolist()
+
+
+def test_inclusion_frequency_matches_the_weights():
+    k, n, trials = 20, 6, 4000
+    y = torch.tensor([3])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(k)
+    for _ in range(trials):
+        counts[sample_candidates(y, k, n, generator=gen).classes] += 1
+    freq = counts / trials
+    expected = 1 - (1 - 1 / k) ** n
+    assert freq[3] == 1.0
+    others = torch.cat([freq[:3], freq[4:]])
+    assert abs(float(others.mean()) - expected) < 0.01
+
+
+@pytest.mark.parametrize("name", ["bce", "nce", "batch_ce"])
+def test_gradcheck_with_fixed_candidates(name):
+    h, w, b, y = _problem(m=3, k=7, d=2, seed=5)
+    c = sample_candidates(y, 7, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert len(c.classes) < 7
+
+    def f(h, w, b):
+        return SAMPLED[name](h, w, b, y, 3, candidates=c)
+
+    # the head's gradient is sparse: compare against the dense gradient of the same function through plain indexing
+    assert torch.autograd.gradcheck(lambda h: f(h, w.detach(), b.detach()), (h,))
+    loss = f(h, w, b)
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert gw.is_sparse and gb.is_sparse
+    assert sorted(gw.coalesce().indices()[0].tolist()) == c.classes.tolist()
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda wr, br: _dense_reference(name, h.detach(), wr, br, y, c),
+                                    (w2[c.classes].detach().requires_grad_(), b2[c.classes].detach().requires_grad_()))
+    dense_w, dense_b = torch.autograd.grad(_dense_reference(name, h.detach(), w[c.classes], b[c.classes], y, c),
+                                           (w, b))
+    torch.testing.assert_close(gw.to_dense(), dense_w)
+    torch.testing.assert_close(gb.to_dense(), dense_b)
+
+
+def _dense_reference(name, h, wc, bc, y, c: Candidates):
+    """The same estimate written with loops over the candidates (float64, no sparse gathers)."""
+    m, s = h.shape[0], len(c.classes)
+    k_total = None
+    rows = []
+    if name == "batch_ce":
+        terms = [h[i] @ wc[j] + bc[j] + c.log_weight[j] for i in range(m) for j in range(s)]
+        log_z = torch.logsumexp(torch.stack(terms), dim=0)
+        for i in range(m):
+            j = int(c.target_pos[i])
+            rows.append(log_z - (h[i] @ wc[j] + bc[j]) - math.log(m))
+        return torch.stack(rows).mean()
+    for i in range(m):
+        total = 0.0
+        for j in range(s):
+            z = h[i] @ wc[j] + bc[j]
+            weight = math.exp(float(c.log_weight[j]))
+            if name == "bce":
+                total = total + (torch.nn.functional.softplus(-z) if j == int(c.target_pos[i])
+                                 else weight * torch.nn.functional.softplus(z))
+            else:  # nce, uniform noise over the 7 classes of the problem, num_noise 25
+                k_total = 7
+                log_tq = math.log(25 / k_total)
+                total = total + 25 * (weight / k_total) * torch.nn.functional.softplus(z - log_tq)
+                if j == int(c.target_pos[i]):
+                    total = total + torch.nn.functional.softplus(log_tq - z)
+        rows.append(total)
+    return torch.stack(rows).mean()
+
+
+def test_sampled_module_and_registry():
+    assert loss_spec("nce").sampled is sampled_nce
+    assert loss_spec("ce").sampled is None
+    h, w, b, y = _problem()
+    loss = SampledLoss("nce", 100, num_noise=7)
+    torch.testing.assert_close(loss(h, w, b, y), nce(h @ w.T + b, y, num_noise=7))
+    with pytest.raises(ValueError, match="no sampled form"):
+        SampledLoss("ce", 10)
+    with pytest.raises(ValueError, match="takes cosines|no sampled form"):
+        SampledLoss("arcface", 10)
+    with pytest.raises(ValueError, match="sampled=True"):
+        SampledLoss("nce", 10, sampled=True)
+    with pytest.raises(ValueError, match="num_sampled"):
+        SampledLoss("bce", 0)
+
+
+def test_bad_inputs_are_named():
+    h, w, b, y = _problem()
+    with pytest.raises(ValueError, match="multi-label"):
+        sampled_bce(h, w, b, torch.zeros(6, 11, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 11\)"):
+        sampled_bce(h, w, b, torch.full((6,), 11), 3)
+    with pytest.raises(ValueError, match="same d"):
+        sampled_nce(h, w[:, :2], b, y, 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        sampled_batch_ce(h[:1], w, b, y[:1], 3)
+    with pytest.raises(TypeError, match="h must be"):
+        sampled_bce(h.long(), w, b, y, 3)
+
+
+def test_gather_rows_refuses_unsorted_rows():
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        gather_rows(torch.zeros(5, 2), torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        gather_rows(torch.zeros(5, 2), torch.tensor([1, 1]))
+
+
+# --------------------------------------------------------------------------------------------- RowSparseSGD
+
+
+def _sgd_pair(momentum=0.9, weight_decay=0.01, lr=0.1):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.SGD([a], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    ours = RowSparseSGD([b], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return a, b, ref, ours
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.05)])
+def test_dense_gradients_follow_torch_sgd(momentum, weight_decay):
+    a, b, ref, ours = _sgd_pair(momentum, weight_decay)
+    for step in range(5):
+        g = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_sparse_gradients_over_every_row_follow_torch_sgd():
+    a, b, ref, ours = _sgd_pair()
+    rows = torch.arange(8)
+    for step in range(5):
+        g = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        a.grad = g.clone()
+        b.grad = torch.sparse_coo_tensor(rows[None], g.clone(), (8, 3))
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(b, a, rtol=1e-15, atol=1e-15)
+
+
+def test_sparse_gradients_move_only_their_rows_with_per_row_momentum():
+    lr, mu, wd = 0.1, 0.9, 0.01
+    _, p, _, opt = _sgd_pair(mu, wd, lr)
+    theta = p.detach().clone()
+    velocity = torch.zeros_like(theta)
+    for step, rows in enumerate([[1, 4], [4, 6], [0, 1, 7], [4]]):
+        g = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, (8, 3))
+        opt.step()
+        for r, gr in zip(rows, g, strict=True):  # the reference: one row at a time
+            velocity[r] = mu * velocity[r] + gr + wd * theta[r]
+            theta[r] = theta[r] - lr * velocity[r]
+    torch.testing.assert_close(p.detach(), theta, rtol=1e-14, atol=1e-14)
+    untouched = [2, 3, 5]
+    torch.testing.assert_close(p.detach()[untouched], _sgd_pair()[1].detach()[untouched], rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    def run(split):
+        _, p, _, opt = _sgd_pair()
+        for step in range(6):
+            if step == split:
+                state = opt.state_dict()
+                saved = p.detach().clone()
+                p2 = torch.nn.Parameter(saved)
+                opt = RowSparseSGD([p2], lr=0.1, momentum=0.9, weight_decay=0.01)
+                opt.load_state_dict(state)
+                p = p2
+            rows = torch.tensor([[step % 8, (step + 3) % 8]])
+            g = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            p.grad = torch.sparse_coo_tensor(rows, g, (8, 3))
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(split=3), run(split=None), rtol=0, atol=0)
+
+
+def test_training_step_through_sampled_loss_touches_only_candidate_rows():
+    h, w, b, y = _problem(k=50)
+    w = torch.nn.Parameter(w.detach())
+    b = torch.nn.Parameter(b.detach())
+    before = w.detach().clone()
+    opt = RowSparseSGD([w, b], lr=0.5, momentum=0.9)
+    c = sample_candidates(y, 50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampled_nce(h.detach(), w, b, y, 4, candidates=c).backward()
+    opt.step()
+    changed = (w.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == c.classes.tolist()
