@@ -68,6 +68,7 @@ class TrainConfig:
     head_scale: float = 1.0
     device: str = "cpu"
     sampled: int = 0  # >0: the loss's sampled form with this many candidate draws per step (losses.sampled)
+    shard_head: bool = False  # under torchrun: the head's rows split over the processes (logitsep.sharded)
 
     def validate(self) -> TrainConfig:
         if self.loss not in LOSSES:
@@ -86,6 +87,10 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay}")
         check_positive_int(self.sampled, "sampled", minimum=0)
+        if not isinstance(self.shard_head, bool):
+            raise TypeError(f"shard_head must be a bool, got {type(self.shard_head).__name__}")
+        if self.shard_head and self.sampled:
+            raise ValueError("shard_head and sampled do not combine (yet): choose one")
         if self.sampled and loss_spec(self.loss).sampled is None:
             with_form = ", ".join(sorted(SAMPLED_FORMS))
             raise ValueError(f"sampled={self.sampled}: loss {self.loss!r} has no sampled form (those with one: "

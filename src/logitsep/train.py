@@ -4,6 +4,13 @@ Sampled training (``sampled`` > 0 in the config, ``--sampled N``): the loss's sa
 (:mod:`logitsep.losses.sampled`) scores the batch's classes plus ``N`` drawn ones, the head gets a sparse gradient
 and :class:`logitsep.optim.RowSparseSGD` updates those rows only, so a step's cost does not grow with k.
 
+Class-sharded head (``shard_head`` in the config, ``--shard-head`` under ``torchrun``): the backbone stays
+data-parallel and every process holds ``k/N`` rows of the head (:mod:`logitsep.sharded`; the loss of the global
+batch from collectives, exact). The full head is built once at start (the same seeded numbers as one process), then
+only rank 0 keeps it, brought up to date from the shards at each checkpoint: the files are those of a one-process
+run (momentum buffers included), so a resume may use another number of processes, and every consumer of a run
+folder reads it unchanged.
+
 Optimiser: ``torch.optim.SGD`` with heavy-ball momentum μ (default 0.9) and optional weight decay λ:
 ``v ← μ·v + (g + λ·θ)``, ``θ ← θ − η_t·v``, with the learning rate η_t decayed by a cosine from ``lr`` at step 0
 towards 0 at step ``steps`` (``schedule="cosine"``), or constant. The paper (Keren, Sabato & Schuller, ICDM 2018,
@@ -51,7 +58,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, sharded
 from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
@@ -66,7 +73,7 @@ __all__ = ["TrainConfig", "batch_indices", "evaluate_model", "learning_rate", "p
            "softmax_scale", "train"]
 
 LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
-RESUMABLE_CHANGES = ("steps", "device")  # config fields a resumed run may change
+RESUMABLE_CHANGES = ("steps", "device", "shard_head")  # config fields a resumed run may change
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,10 +142,9 @@ def softmax_scale(config: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+def _save_checkpoint(out: Path, model: nn.Module, opt_state: dict[str, Any], config: TrainConfig,
                      step: int, window: list[float], elapsed: float, world_size: int) -> None:
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
     tensors = {f"model/{k}": v for k, v in weights.items()}
     tensors.update({f"optimizer/{pid}/{key}": value.detach().cpu().contiguous()
                     for pid, state in opt_state["state"].items() for key, value in state.items()
@@ -275,6 +281,7 @@ class _Session:
     start: int = 0
     elapsed_before: float = 0.0
     window: list[float] | None = None  # losses of the open log window
+    head_shard: sharded.ShardedLinearHead | None = None  # this rank's rows of the head, under --shard-head
 
     @property
     def writes(self) -> bool:
@@ -339,8 +346,76 @@ def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ct
                              f"steps={config.steps}")
     if session.writes:
         write_spec(out, model_spec(config, data, model))
-    session.net = distributed.data_parallel(model, ctx)
+    if config.shard_head:
+        _shard_head(session)
+    else:
+        session.net = distributed.data_parallel(model, ctx)
     return session
+
+
+def _shard_head(s: _Session) -> None:
+    """Split the head over the processes (:mod:`logitsep.sharded`): this rank keeps its rows (and their momentum),
+    the optimizer takes the backbone's parameters and the shard's, in the full model's order; ranks other than 0
+    drop the full head."""
+    config = s.config
+    if config.loss not in sharded.SHARDED_LOSSES:
+        raise ValueError(f"--shard-head: loss {config.loss!r} has no sharded form; those with one: "
+                         f"{', '.join(sharded.SHARDED_LOSSES)}")
+    shard = sharded.ShardedLinearHead.from_full(s.model.head)
+    full = s.optimizer.state_dict()
+    num_features = len(list(s.model.features.parameters()))
+    state = {pid: ({**st, "momentum_buffer": st["momentum_buffer"][shard.start:shard.stop].clone()}
+                   if pid >= num_features and st.get("momentum_buffer") is not None else st)
+             for pid, st in full["state"].items()}
+    s.optimizer = torch.optim.SGD([*s.model.features.parameters(), *shard.parameters()], lr=config.lr,
+                                  momentum=config.momentum, weight_decay=config.weight_decay)
+    s.optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+    if not s.ctx.is_main:
+        s.model.head.to("meta")  # its rows live in the shards; rank 0 keeps the full head for the files
+    s.head_shard = shard
+    s.net = distributed.data_parallel(s.model.features, s.ctx)
+
+
+def _optimizer_state(s: _Session) -> dict[str, Any]:
+    """The optimizer's state dict as one process would have it. Under --shard-head (a collective: every rank calls
+    it) the head's rows and momentum buffers are gathered from the shards, and rank 0's full head updated."""
+    state = s.optimizer.state_dict()
+    shard = s.head_shard
+    if shard is None:
+        return state
+    with torch.no_grad():
+        weight = sharded.gather_shards(shard.weight, shard.k, shard.group)
+        bias = None if shard.bias is None else sharded.gather_shards(shard.bias, shard.k, shard.group)
+        if s.ctx.is_main:
+            s.model.head.weight.copy_(weight)
+            if bias is not None:
+                s.model.head.bias.copy_(bias)
+    num_features = len(list(s.model.features.parameters()))
+    for pid in sorted(state["state"]):  # the same order on every rank
+        buf = state["state"][pid].get("momentum_buffer")
+        if pid >= num_features and buf is not None:  # a new dict: state_dict() shares the live ones
+            state["state"][pid] = {**state["state"][pid],
+                                   "momentum_buffer": sharded.gather_shards(buf, shard.k, shard.group)}
+    return state
+
+
+def _checkpoint(s: _Session, step: int, elapsed: float) -> None:
+    """Check the weights (on every rank: all stop alike) and write the checkpoint (rank 0)."""
+    opt_state = _optimizer_state(s)
+    if s.head_shard is None:
+        _check_finite_weights(s.model, step)
+    else:  # each rank checks what it holds; every rank learns whether any failed
+        bad = torch.tensor([0.0 if _finite(s.model.features) and _finite(s.head_shard) else 1.0])
+        bad = distributed.mean_over_ranks(bad.to(s.ctx.device))
+        if float(bad) > 0:
+            raise FloatingPointError(f"the weights became non-finite in the {step} steps done; no checkpoint was "
+                                     "written with them")
+    if s.writes:
+        _save_checkpoint(s.out, s.model, opt_state, s.config, step, s.window, elapsed, s.ctx.world_size)
+
+
+def _finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in module.state_dict().values() if v.is_floating_point())
 
 
 def _loop(s: _Session, progress: bool | None, checkpoint_every: int, log_every: int, tensorboard: bool) -> float | None:
@@ -393,10 +468,7 @@ def _loop(s: _Session, progress: bool | None, checkpoint_every: int, log_every: 
                 if done % log_every == 0:
                     s.window = []  # a final partial window stays open, so that a later resume can extend it
             if checkpoint_due:
-                _check_finite_weights(s.model, done)  # on every rank: they hold the same weights, all stop alike
-                if s.writes:
-                    _save_checkpoint(s.out, s.model, s.optimizer, config, done, s.window, elapsed,
-                                     s.ctx.world_size)
+                _checkpoint(s, done, elapsed)
     finally:
         bar.close()
         if log is not None:
@@ -408,6 +480,11 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
                check_values: bool) -> Tensor:
     """The loss of one step (over the global batch where the loss needs it); non-finite logits are reported
     as the step where training diverged."""
+    if s.head_shard is not None:  # this rank's logits of the global batch; the loss from collectives
+        grad = "ddp" if s.ctx.world_size > 1 else "exact"
+        with value_checks(check_values):
+            return sharded.sharded_loss(s.config.loss, s.net(xb), yb, s.head_shard, feature_grad=grad,
+                                        **s.config.loss_kwargs)
     if s.config.sampled:  # the head's rows of the candidate classes only (losses.sampled)
         h = s.net.embed(xb)
         head = s.model.head
@@ -434,7 +511,10 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
     result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
                               "final_train_loss": last_loss, "world_size": s.ctx.world_size}
     if s.out is not None:
-        _check_finite_weights(model, config.steps)
+        _checkpoint_state = _optimizer_state(s)  # a collective under --shard-head: rank 0's head gets its rows
+        _check_finite_weights(model if s.head_shard is None or s.ctx.is_main else model.features, config.steps)
+    elif s.head_shard is not None:
+        _optimizer_state(s)
     if not s.ctx.is_main:
         return model, result
     device = str(s.ctx.device)
@@ -443,7 +523,7 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
         result[split] = evaluate_model(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
     if s.out is not None:
         write_json(s.out / METRICS, result)
-        _save_checkpoint(s.out, model, s.optimizer, config, config.steps, s.window,
+        _save_checkpoint(s.out, model, _checkpoint_state, config, config.steps, s.window,
                          s.elapsed_before + seconds, s.ctx.world_size)
         _write_thresholds(s)
     return model, result

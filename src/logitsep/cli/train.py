@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train with the loss's sampled form (bce, nce, batch_ce): score the batch's classes plus N "
                         "drawn ones, update only those head rows; a step's cost does not grow with the number of "
                         "classes (default 0: exact, every logit)")
+    p.add_argument("--shard-head", action="store_true",
+                   help="under torchrun: split the head's rows over the processes (for heads too large for one "
+                        "device; ce, self_norm, batch_ce, bce, exact nce); the run folder is that of one process")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          loss_kwargs=loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         sampled=args.sampled)
+                         sampled=args.sampled, shard_head=args.shard_head)
     _, result = train(config, out=args.out, resume=args.resume, eval_splits=("valid", "test"),
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard)
     if rank() != 0:  # under torchrun only rank 0 reports
