@@ -7,7 +7,15 @@ the question at the cost of one dot product per example, ``O(d)``, whatever the 
 * :class:`SingleLogitClassifier` wraps a model (backbone ``features`` + a :class:`~logitsep.heads.Head`);
   ``score``/``predict`` compute the embedding and the one logit asked for, never the other classes. It loads a
   run folder through :func:`logitsep.runs.load_run` (no dataset needed: the run's ``model.json`` describes it).
-* :func:`calibrate_run` (``logitsep calibrate``) and :func:`query` (``logitsep query``) on a run folder.
+* :func:`calibrate_run` (``logitsep calibrate``) and :func:`query` (``logitsep query``) on a run folder
+  (``logitsep evaluate`` at large ``n·k`` is :func:`logitsep.train.evaluate_blocked`: the SLC metrics of a model
+  computed a block of classes at a time from the embeddings, never holding the ``[n, k]`` scores).
+
+Large ``n·k`` (above :data:`logitsep.core.blocks.BLOCKS_ABOVE` scores, or whenever a block size is given):
+calibration reads the scores a block of classes at a time (:func:`logitsep.thresholds.calibrate_blocked`), each
+block ``head.logit_columns(h, range(a, b))``, the very values ``score`` computes, so the thresholds are those of
+the in-memory path to the bit; evaluation scores the blocks with ``head.outputs(h, range(a, b))`` (a matrix
+product: the values of ``model(x)`` up to float rounding, see :func:`logitsep.train.evaluate_blocked`).
 
 The thresholds themselves, their rule and their file are :mod:`logitsep.thresholds`; images are decoded by
 :mod:`logitsep.core.images`.
@@ -15,19 +23,20 @@ The thresholds themselves, their rule and their file are :mod:`logitsep.threshol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .core.blocks import BLOCKS_ABOVE
 from .core.checks import check_threshold, class_indices, parse_class
 from .core.images import inputs_from_images, read_images
 from .data import Rows, load_dataset
 from .heads import Head, as_head
 from .runs import MODEL, THRESHOLDS, ModelSpec, check_fits, load_run, write_spec
-from .thresholds import Thresholds, calibrate_scores, check_target
+from .thresholds import Thresholds, calibrate_blocked, calibrate_scores, check_target
 
 __all__ = ["SingleLogitClassifier", "calibrate_run", "query"]
 
@@ -171,17 +180,36 @@ class SingleLogitClassifier:
         class (:meth:`~logitsep.heads.Head.logit_columns`), the very computation :meth:`score` makes."""
         return self.head.logit_columns(h.to(self.device))
 
-    def calibrate(self, x: Tensor, y: Tensor, precision: float | None = None,
-                  recall: float | None = None) -> Thresholds:
+    def score_blocks(self, h: Tensor) -> Callable[[int, int], Tensor]:
+        """``score_block(a, b)``: the columns ``a .. b - 1`` of ``all_scores(h).float().cpu()``, bit for bit, one
+        block of classes at a time (:func:`~logitsep.thresholds.calibrate_blocked`).
+
+        ``head.logit_columns`` (``logit(h, c)`` class by class), not the ~10x faster matrix product
+        ``head.logits(h, range(a, b))``: the two differ in the last bits (another summation order; measured up to
+        ~1e-6 on float32 logits of order 1), and a calibration example whose logit sits exactly at its class's
+        threshold would then be decided the other way by :meth:`predict`, which computes ``logit``. The price:
+        ``O(k)`` small products per pass, two or three passes."""
+        h = h.to(self.device)
+        return lambda start, stop: self.head.logit_columns(h, range(start, stop)).float().cpu()
+
+    def calibrate(self, x: Tensor, y: Tensor, precision: float | None = None, recall: float | None = None, *,
+                  block_size: int | None = None, progress: bool | None = None) -> Thresholds:
         """Calibrate thresholds on held-out ``(x, y)`` (:func:`~logitsep.thresholds.calibrate_scores`), attach and
-        return them."""
+        return them. Above :data:`~logitsep.core.blocks.BLOCKS_ABOVE` scores (``n·k``), or with a ``block_size``,
+        the scores are read ``block_size`` classes at a time (:func:`~logitsep.thresholds.calibrate_blocked`, the
+        same thresholds; ``progress``: its progress bars, None: only on a terminal)."""
         metric, value = check_target(precision, recall)
         x = self._check_inputs(x)
         if not isinstance(y, (Tensor, Rows)) or len(y.shape) not in (1, 2) or y.shape[0] != x.shape[0]:
             raise ValueError(f"y must be a [{x.shape[0]}] tensor of class indices, one per input (or an "
                              f"[{x.shape[0]}, {self.num_classes}] 0/1 matrix)")
-        scores = self.all_scores(self.embed(x)).float().cpu()
-        th = calibrate_scores(scores, y, **{metric: value}, class_names=self.class_names)
+        h = self.embed(x)
+        if block_size is not None or h.shape[0] * self.num_classes > BLOCKS_ABOVE:
+            th = calibrate_blocked(self.score_blocks(h), self.num_classes, y, **{metric: value},
+                                   class_names=self.class_names, block_size=block_size, progress=progress)
+        else:
+            th = calibrate_scores(self.all_scores(h).float().cpu(), y, **{metric: value},
+                                  class_names=self.class_names)
         th.model = dict(self.fingerprint) if self.fingerprint is not None else None
         self.set_thresholds(th)
         return th
@@ -191,10 +219,12 @@ class SingleLogitClassifier:
 
 
 def calibrate_run(run_dir: str | Path, data: Any = None, precision: float | None = None, recall: float | None = None,
-                  split: str = "valid", device: str | torch.device = "cpu") -> Thresholds:
+                  split: str = "valid", device: str | torch.device = "cpu", block_size: int | None = None,
+                  progress: bool | None = None) -> Thresholds:
     """Calibrate a run's thresholds on its ``split`` (the validation split by default) and write
     ``run_dir/thresholds.json`` atomically. Target: ``precision`` (default 0.99) or ``recall``. A run written
-    before runs described themselves also gets its ``model.json`` here.
+    before runs described themselves also gets its ``model.json`` here. ``block_size``, ``progress``: as in
+    :meth:`SingleLogitClassifier.calibrate` (blocks are used anyway above ``BLOCKS_ABOVE`` scores).
 
     An existing (even corrupt) ``thresholds.json`` is replaced only when calibration succeeds.
     """
@@ -205,7 +235,7 @@ def calibrate_run(run_dir: str | Path, data: Any = None, precision: float | None
     data = data if data is not None else load_dataset(clf.config.dataset)
     check_fits(clf.spec, data)
     x, y = data.split(split)
-    th = clf.calibrate(x, y, **{metric: value})
+    th = clf.calibrate(x, y, **{metric: value}, block_size=block_size, progress=progress)
     th.target.update(split=split, trained_on=clf.config.train_split)
     th.save(Path(run_dir) / THRESHOLDS)
     if not (Path(run_dir) / MODEL).is_file():

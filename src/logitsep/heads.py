@@ -10,6 +10,8 @@ Every head implements :class:`Head`, the interface every consumer (the classifie
 training) uses: ``k``, ``d``, ``kind``, ``logit``, ``logits``, and for class search ``class_vectors`` /
 ``item_vectors`` (whose inner products are the logits, with the bias folded in as one more dimension) and
 ``fingerprint`` (an index records the head that built it).
+``outputs(h, classes)`` gives those columns of ``forward(h)`` (the logits; a cosine head's unscaled cosines): the
+model's outputs for a block of classes, what evaluation at large ``k`` scores.
 
 * :class:`LinearHead`: ``z_j = W_j·h + b_j`` (an ``nn.Linear``: same state-dict keys, init and attributes, so
   checkpoints of models built with ``nn.Linear`` heads load unchanged). ``zscore(h, c)`` gives the Z-loss
@@ -95,6 +97,11 @@ class Head:
     def logits(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
         raise NotImplementedError
 
+    def outputs(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
+        """The columns ``classes`` of ``forward(h)`` (what the model outputs and its loss and metrics see),
+        ``O(n·d·len(classes))``: the logits, but a cosine head's cosines without its ``scale``."""
+        return self.logits(h, classes)
+
     def class_vectors(self, classes: object = None) -> Tensor:
         raise NotImplementedError
 
@@ -105,12 +112,14 @@ class Head:
         raise NotImplementedError
 
     @torch.no_grad()
-    def logit_columns(self, h: Tensor) -> Tensor:
-        """Every class's logit, ``[n, k]``, computed as ``logit(h, c)`` class by class: bit for bit what a
-        single-logit decision computes (a matrix product gives the same values up to rounding, in another
+    def logit_columns(self, h: Tensor, classes: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Every class's logit, ``[n, k]`` (or those of ``classes``, e.g. a block ``range(a, b)``: ``[n,
+        len(classes)]``), computed as ``logit(h, c)`` class by class: bit for bit what a single-logit decision
+        computes (``logits(h, classes)``, a matrix product, gives the same values up to rounding, in another
         summation order), so that a calibration example sitting exactly at a threshold is decided the same way
         later. ``O(n·k·d)``, about 10x slower than one matrix product; calibration runs once."""
-        return torch.stack([self.logit(h, c) for c in range(self.k)], dim=1)
+        columns = range(self.k) if classes is None else class_indices(classes, self.k, "logit_columns").tolist()
+        return torch.stack([self.logit(h, c) for c in columns], dim=1)
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -345,9 +354,13 @@ class CosineHead(nn.Module, Head):
 
     def logits(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
         """Logits ``scale·cos θ`` of the classes ``classes`` (1-D index tensor or list), ``[n, len(classes)]``."""
+        return self.scale * self.outputs(h, classes)
+
+    def outputs(self, h: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
+        """Cosines of the classes ``classes``, ``[n, len(classes)]``: those columns of ``forward(h)``."""
         h = _check_embeddings(h, self.weight, "CosineHead")
         classes = class_indices(classes, self.k, "CosineHead").to(self.weight.device)
-        return self.scale * (_normalize(h) @ _normalize(self.weight[classes]).T).clamp(-1.0, 1.0)
+        return (_normalize(h) @ _normalize(self.weight[classes]).T).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def class_vectors(self, classes: object = None) -> Tensor:

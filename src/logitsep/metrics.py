@@ -49,6 +49,13 @@ positives (P = n for single-label targets). Two per-class paths give identical r
 Counts are integers, sums of ratios float64. ``python -m logitsep.bench.metrics`` times it against one
 ``np.sort`` of the same scores (results/bench/metrics_speed.*: about 2x for n = 10^4, k = 10^3).
 
+Large k: :func:`slc_metrics_blocked` takes ``score_block(start, stop)`` (the scores of a block of classes, e.g.
+from embeddings and head rows) instead of the ``[n, k]`` matrix and returns exactly what :func:`slc_metrics`
+returns on it, keeping ``O(n·block_size)`` scores at a time: the per-class metrics are column by column the
+code above, the pooled ones the same formulas on counts accumulated block by block
+(:class:`logitsep.core.ranking.PooledCounts`), the accuracy a running argmax. :func:`all_logits_blocks` gives
+the "all logits" baseline in the same form.
+
 Also here: :func:`all_logits_scores` (the paper's "all logits" softmax baseline), :func:`one_minus` and
 :func:`mean_relative_improvement` (the paper's table layout: 1 - metric and the relative-improvement row).
 """
@@ -62,12 +69,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .core.blocks import ScoreBlock, ScoreBlocks
 from .core.checks import check_fraction, check_labels, check_scores, to_numpy
 from .core.keys import DEFAULT_RECALLS, METRIC_KEYS, is_metric_key, recall_key
-from .core.ranking import group_starts, recall_position
+from .core.ranking import PooledCounts, group_starts, recall_position
 
 __all__ = [
     "METRIC_KEYS",
+    "all_logits_blocks",
     "all_logits_scores",
     "check_labels",
     "check_scores",
@@ -75,6 +84,7 @@ __all__ = [
     "one_minus",
     "per_class_metrics",
     "slc_metrics",
+    "slc_metrics_blocked",
 ]
 
 
@@ -133,10 +143,18 @@ def _use_dense(num_pos: int, n: int, k: int) -> bool:
     return num_pos * n.bit_length() > 1.5 * n * k
 
 
-def _class_stats_sparse(x: np.ndarray, pos_row: np.ndarray,
-                        pos_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(class, TP, G)`` of every positive, sorted by class then score: sort the columns and the positives,
-    find each positive's place in its column by binary search. Cost: the column sort + O(P log n)."""
+def sorted_columns(x: np.ndarray) -> np.ndarray:
+    """Every class column of ``x`` [n, k] sorted ascending, as the rows of a C-contiguous ``[k, n]`` array."""
+    columns = contiguous_transpose(x)  # [k, n], each class's scores contiguous
+    columns.sort(axis=1)
+    return columns
+
+
+def _class_stats_sparse(x: np.ndarray, pos_row: np.ndarray, pos_col: np.ndarray,
+                        columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(class, TP, G)`` of every positive, sorted by class then score: sort the columns (unless ``columns``,
+    :func:`sorted_columns` of ``x``, are given) and the positives, find each positive's place in its column by
+    binary search. Cost: the column sort + O(P log n)."""
     n = x.shape[0]
     values = x[pos_row, pos_col]
     order = np.lexsort((values, pos_col))  # by class, then by score ascending
@@ -145,8 +163,8 @@ def _class_stats_sparse(x: np.ndarray, pos_row: np.ndarray,
     class_end = np.cumsum(np.bincount(cls, minlength=x.shape[1]))
     tp = class_end[cls] - group_starts(cls, val)
     # G_c(s_p) = #{examples with score >= s_p in column c}, from the sorted columns
-    columns = contiguous_transpose(x)  # [k, n], each class's scores contiguous
-    columns.sort(axis=1)
+    if columns is None:
+        columns = sorted_columns(x)
     g = n - _count_below_in_rows(columns, cls, val)
     return cls, tp, g
 
@@ -178,18 +196,30 @@ def _class_stats_dense(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 def _per_class(x: np.ndarray, y: np.ndarray | None, labels: np.ndarray | None, recalls: tuple[float, ...],
                dense: bool | None = None) -> dict[str, np.ndarray]:
     """Per-class AP and precision@r (NaN for classes without positives) and the positive counts."""
+    if y is not None:
+        return _per_class_of(x, np.arange(x.shape[0]), y, None, recalls, dense)
+    return _per_class_of(x, None, None, labels, recalls, dense)
+
+
+def _per_class_of(x: np.ndarray, pos_row: np.ndarray | None, pos_col: np.ndarray | None, labels: np.ndarray | None,
+                  recalls: tuple[float, ...], dense: bool | None = None,
+                  columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`_per_class` with the positives given as ``(pos_row, pos_col)`` pairs (``labels`` None; a pair at
+    most once) or as the 0/1 matrix ``labels``; ``columns``: :func:`sorted_columns` of ``x`` if already made."""
     n, k = x.shape
-    counts = np.bincount(y, minlength=k) if y is not None else labels.sum(axis=0, dtype=np.int64)
+    counts = np.bincount(pos_col, minlength=k) if labels is None else labels.sum(axis=0, dtype=np.int64)
     if dense is None:
         dense = _use_dense(int(counts.sum()), n, k)
     if dense:
         if labels is None:
             labels = np.zeros((n, k), dtype=bool)
-            labels[np.arange(n), y] = True
+            labels[pos_row, pos_col] = True
         cls, tp, g = _class_stats_dense(x, labels)
     else:
-        pos_row, pos_col = (np.arange(n), y) if y is not None else np.nonzero(labels)
-        cls, tp, g = _class_stats_sparse(x, pos_row.astype(np.int64, copy=False), pos_col.astype(np.int64))
+        if labels is not None:
+            pos_row, pos_col = np.nonzero(labels)
+        cls, tp, g = _class_stats_sparse(x, pos_row.astype(np.int64, copy=False), pos_col.astype(np.int64),
+                                         columns)
     precision = tp / g
 
     has = counts > 0
@@ -210,12 +240,19 @@ def _pooled(x: np.ndarray, y: np.ndarray | None, labels: np.ndarray | None) -> d
     """AP and AUROC of the single ranking of all n*k (example, class) pairs."""
     pos = np.sort(x[np.arange(x.shape[0]), y] if y is not None else x[labels])
     total, num_pos = x.size, len(pos)
-    num_neg = total - num_pos
     if num_pos == 0:
         return {"pooled_auprc": math.nan, "pooled_auroc": math.nan}
     everything = np.sort(x, axis=None)
     all_below = np.searchsorted(everything, pos, side="left")  # #pairs with score < s_p
     all_upto = np.searchsorted(everything, pos, side="right")  # #pairs with score <= s_p
+    return _pooled_from_counts(pos, all_below, all_upto, total)
+
+
+def _pooled_from_counts(pos: np.ndarray, all_below: np.ndarray, all_upto: np.ndarray, total: int) -> dict[str, float]:
+    """The pooled AP and AUROC from the sorted positive scores ``pos`` (at least one), the number of pairs
+    scored below each (``all_below``) and at or below each (``all_upto``), of ``total`` pairs in all."""
+    num_pos = len(pos)
+    num_neg = total - num_pos
     pos_below = group_starts(pos)  # #positives with score < s_p
     pos_upto = num_pos - group_starts(pos[::-1])[::-1]  # #positives with score <= s_p
     auprc = float(np.mean((num_pos - pos_below) / (total - all_below)))
@@ -277,14 +314,134 @@ def slc_metrics(scores: object, target: object, *, per_class: bool = False,
     recalls = _check_recalls(recall_levels)
 
     classes = _per_class(x, y, labels, recalls)
+    accuracy = None if y is None else float(np.mean(np.argmax(x, axis=1) == y))
+    return _summary(classes, recalls, _pooled(x, y, labels), accuracy, per_class)
+
+
+def _summary(classes: dict[str, np.ndarray], recalls: tuple[float, ...], pooled: dict[str, float],
+             accuracy: float | None, per_class: bool) -> dict[str, Any]:
+    """:func:`slc_metrics`'s result from the per-class arrays, the pooled values and the accuracy."""
     result: dict[str, Any] = {"auprc": _mean_over_present(classes["auprc"])}
     for r in recalls:
         result[recall_key(r)] = _mean_over_present(classes[recall_key(r)])
-    result.update(_pooled(x, y, labels))
-    result["accuracy"] = None if y is None else float(np.mean(np.argmax(x, axis=1) == y))
+    result.update(pooled)
+    result["accuracy"] = accuracy
     if per_class:
         result["per_class"] = classes
     return result
+
+
+def slc_metrics_blocked(score_block: ScoreBlock, num_classes: int, target: object, *, block_size: int | None = None,
+                        recall_levels: Sequence[float] = DEFAULT_RECALLS, per_class: bool = False,
+                        progress: bool | None = None) -> dict[str, Any]:
+    """:func:`slc_metrics` of a score matrix too large to hold, read a block of classes at a time: the same keys
+    and the same values (bit for bit) as ``slc_metrics(S, target)`` with ``S`` the blocks side by side.
+
+    Args:
+        score_block: ``score_block(start, stop)`` returns the scores ``[n, stop - start]`` of the classes
+            ``start .. stop - 1`` (numpy array or torch tensor of a floating dtype, e.g. ``head.logits(h,
+            range(start, stop))``). Called twice per block (the second pass must see the same values: checked on
+            the positives' scores).
+        num_classes: k.
+        target: ``[n]`` class indices, or an ``[n, k]`` 0/1 matrix (multi-label; it is read a block of columns
+            at a time, but is itself ``n·k`` values).
+        block_size: classes per block (default :func:`logitsep.core.blocks.default_block_size`: about 4M scores).
+        recall_levels, per_class: as in :func:`slc_metrics`.
+        progress: a tqdm bar over the blocks of each pass; None: only on a terminal.
+
+    Computation (memory ``O(n·block_size)`` beyond the target, plus ``O(P + k)``): pass 1 gathers the P positives'
+    scores and the running argmax (first index on ties, as ``np.argmax``); pass 2 sorts each block's columns
+    once (:func:`sorted_columns`) for the per-class metrics of its classes (the in-memory code, column by column
+    independent) and counts its scores below and tied with every distinct positive score
+    (:class:`~logitsep.core.ranking.PooledCounts`), from which the pooled AP and AUROC follow with the in-memory
+    formulas. The blocks are compared in their common dtype, as ``np.concatenate`` of them would be.
+    """
+    t = to_numpy(target, "target")
+    if t.ndim not in (1, 2):
+        raise ValueError(f"target must be [n] class indices or an [n, k] 0/1 matrix, got shape {tuple(t.shape)}")
+    blocks = ScoreBlocks(score_block, num_classes, t.shape[0], block_size=block_size, progress=progress,
+                         where="slc_metrics_blocked")
+    n, k = blocks.n, blocks.k
+    y, labels = check_labels(t, (n, k))
+    recalls = _check_recalls(recall_levels)
+    if y is not None:  # the examples of each block's classes: one sort by class
+        by_class = np.argsort(y, kind="stable")
+        edges = np.searchsorted(y[by_class], [a for a, _ in blocks.ranges] + [k])
+
+    def positives(i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, columns within the block) of the block's positives; None for multi-label targets."""
+        if y is None:
+            return None
+        rows = np.sort(by_class[edges[i]:edges[i + 1]])
+        return rows, y[rows] - start
+
+    # pass 1: the positives' scores and the running top-1
+    scores_of_positives, best, top = [], None, None
+    for i, (start, stop, x) in enumerate(blocks.scan("SLC metrics, pass 1/2")):
+        pos = positives(i, start, stop)
+        scores_of_positives.append(x[pos] if pos is not None else x[labels[:, start:stop]])
+        if y is not None:
+            arg = np.argmax(x, axis=1)
+            value = x[np.arange(n), arg]
+            if best is None:
+                best, top = value, arg
+            else:
+                better = value > best  # strictly: an earlier class keeps a tie, as np.argmax does
+                best, top = np.where(better, value, best), np.where(better, arg + start, top)
+    counts = PooledCounts(np.concatenate(scores_of_positives))
+
+    # pass 2: per-class metrics and the pooled counts, from one sort of each block's columns
+    parts = []
+    for i, (start, stop, x) in enumerate(blocks.scan("SLC metrics, pass 2/2")):
+        pos = positives(i, start, stop)
+        blocks.same_again(start, stop, scores_of_positives[i], x[pos] if pos is not None
+                          else x[labels[:, start:stop]])
+        columns = sorted_columns(x)
+        if pos is not None:
+            parts.append(_per_class_of(x, *pos, None, recalls, columns=columns))
+        else:
+            parts.append(_per_class_of(x, None, None, labels[:, start:stop], recalls, columns=columns))
+        counts.add(columns)
+        del x, columns
+    classes = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    if len(counts.positives) == 0:
+        pooled = {"pooled_auprc": math.nan, "pooled_auroc": math.nan}
+    else:
+        pooled = _pooled_from_counts(counts.positives, *counts.counts(), n * k)
+    accuracy = None if y is None else float(np.mean(top == y))
+    return _summary(classes, recalls, pooled, accuracy, per_class)
+
+
+def all_logits_blocks(score_block: ScoreBlock, num_classes: int, n: int, *, block_size: int | None = None,
+                      progress: bool | None = None) -> ScoreBlock:
+    """The "all logits" softmax of :func:`all_logits_scores` as a ``score_block`` function, for logits read a
+    block of classes at a time (``score_block``, ``num_classes`` and ``n`` examples as in
+    :func:`slc_metrics_blocked`).
+
+    Two passes over the blocks here find each example's largest logit and ``sum_j exp(z_ij - max)`` (float64,
+    summed block by block); the returned function gives ``exp(z_ic - max_i) / sum_i`` for a block of classes,
+    float64 ``[n, stop - start]``. The same formula as :func:`all_logits_scores`, equal to it up to the rounding
+    of the row sums (summed in another order: not bit for bit).
+    """
+    blocks = ScoreBlocks(score_block, num_classes, n, block_size=block_size, progress=progress,
+                         where="all_logits_blocks")
+
+    def logits(start: int, stop: int, x: np.ndarray) -> np.ndarray:
+        if not np.isfinite(x).all():
+            raise ValueError(f"score_block({start}, {stop}) contains infinite values; softmax is not defined there")
+        return x.astype(np.float64)
+
+    row_max = np.full(blocks.n, -np.inf)
+    for start, stop, x in blocks.scan("all logits: maxima"):
+        np.maximum(row_max, logits(start, stop, x).max(axis=1), out=row_max)
+    row_sum = np.zeros(blocks.n)
+    for start, stop, x in blocks.scan("all logits: sums"):
+        row_sum += np.exp(logits(start, stop, x) - row_max[:, None]).sum(axis=1)
+
+    def softmax_block(start: int, stop: int) -> np.ndarray:
+        return np.exp(logits(start, stop, blocks.read(start, stop)) - row_max[:, None]) / row_sum[:, None]
+
+    return softmax_block
 
 
 def all_logits_scores(logits: object) -> np.ndarray | torch.Tensor:

@@ -59,17 +59,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, sharded
+from .core.blocks import BLOCKS_ABOVE
 from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
 from .losses import SampledLoss, get_loss, loss_spec, value_checks
-from .metrics import all_logits_scores, slc_metrics
+from .metrics import all_logits_blocks, all_logits_scores, slc_metrics, slc_metrics_blocked
 from .models import SLCModel, build_model
 from .optim import RowSparseSGD
 from .runs import CHECKPOINT, LOG, METRICS, STATE, THRESHOLDS, WEIGHTS, TrainConfig, model_spec, write_spec
-from .thresholds import calibrate_scores
+from .thresholds import calibrate_blocked, calibrate_scores
 
-__all__ = ["TrainConfig", "batch_indices", "evaluate_model", "learning_rate", "predict", "read_log",
+__all__ = ["TrainConfig", "batch_indices", "evaluate_blocked", "evaluate_model", "learning_rate", "predict", "read_log",
            "softmax_scale", "train"]
 
 LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
@@ -122,6 +123,38 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, device: str = "cpu",
     """SLC metrics of the single logits, plus the paper's "all logits" baseline: softmax of every logit
     (of ``softmax_scale``·cosine for a cosine head, the scale its loss trains with)."""
     return metrics_of_scores(predict(model, x, device=device), y, softmax_scale)
+
+
+@torch.no_grad()
+def evaluate_blocked(model: torch.nn.Module, x: Tensor, y: Tensor, device: str | torch.device = "cpu",
+                     softmax_scale: float = 1.0, block_size: int | None = None, progress: bool | None = None,
+                     batch_size: int = 1024) -> dict[str, Any]:
+    """``evaluate_model``'s metrics (the SLC metrics of the single logits and ``"all_logits"``,
+    those of the softmax of ``softmax_scale``·score) without the ``[n, k]`` scores: the embeddings ``h`` are
+    computed once (``model.embed_in_batches``), then every block of classes is scored from them,
+    ``head.outputs(h, range(a, b))`` (those columns of ``model(x)``) as float32 on the CPU, and the metrics are
+    :func:`~logitsep.metrics.slc_metrics_blocked` (the all-logits softmax: :func:`~logitsep.metrics.all_logits_blocks`).
+
+    The metrics are exactly those of ``slc_metrics`` on the scores the blocks give. Those scores are ``model(x)``'s
+    up to float rounding: ``head.outputs`` is ``forward``'s formula on the rows of the block (``F.linear``; a cosine
+    head's clamped cosine), but a matrix product of another shape may sum in another order, so a tie or a near-tie
+    of scores can come out differently from the in-memory path (the integer-valued scores of the tests agree to
+    the bit); the all-logits row sums are summed block by block (also up to rounding).
+    """
+    head = model.head
+    h = model.embed_in_batches(x, batch_size, device)
+    y = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
+    k = head.k
+
+    def outputs(start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            return head.outputs(h, range(start, stop)).float().cpu()
+
+    metrics = slc_metrics_blocked(outputs, k, y, block_size=block_size, progress=progress)
+    scaled = outputs if softmax_scale == 1.0 else (lambda start, stop: outputs(start, stop) * softmax_scale)
+    softmax = all_logits_blocks(scaled, k, h.shape[0], block_size=block_size, progress=progress)
+    metrics["all_logits"] = slc_metrics_blocked(softmax, k, y, block_size=block_size, progress=progress)
+    return metrics
 
 
 def metrics_of_scores(scores: Tensor | np.ndarray, y: Tensor, softmax_scale: float = 1.0) -> dict[str, Any]:
@@ -520,7 +553,10 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
     device = str(s.ctx.device)
     for split in eval_splits:
         ex, ey = s.data.split(split)
-        result[split] = evaluate_model(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
+        if ex.shape[0] * s.data.num_classes > BLOCKS_ABOVE:  # the [n, k] scores would not fit: blocks of classes
+            result[split] = evaluate_blocked(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
+        else:
+            result[split] = evaluate_model(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
     if s.out is not None:
         write_json(s.out / METRICS, result)
         _save_checkpoint(s.out, model, _checkpoint_state, config, config.steps, s.window,
@@ -535,8 +571,11 @@ def _write_thresholds(s: _Session) -> None:
     tied to it by the SHA-256 of ``model.safetensors``."""
     x, y = s.data.split("valid")
     h = s.model.embed_in_batches(x, device=s.ctx.device)
-    scores = s.model.head.logit_columns(h).float().cpu()
-    th = calibrate_scores(scores, y, class_names=s.data.class_names)
+    if h.shape[0] * s.data.num_classes > BLOCKS_ABOVE:  # a block of classes at a time, the same thresholds
+        th = calibrate_blocked(lambda a, b: s.model.head.logit_columns(h, range(a, b)).float().cpu(),
+                               s.data.num_classes, y, class_names=s.data.class_names)
+    else:
+        th = calibrate_scores(s.model.head.logit_columns(h).float().cpu(), y, class_names=s.data.class_names)
     th.model = {"sha256": hashlib.sha256((s.out / WEIGHTS).read_bytes()).hexdigest(), "step": s.config.steps}
     th.target.update(split="valid", trained_on=s.config.train_split)
     th.save(s.out / THRESHOLDS)

@@ -1,11 +1,15 @@
-"""``logitsep calibrate RUN``: per-class and global thresholds on a split, written to RUN/thresholds.json."""
+"""``logitsep calibrate RUN``: per-class and global thresholds on a split, written to RUN/thresholds.json.
+
+Above ``BLOCKS_ABOVE`` scores (``n·k`` > 2^26), or with ``--block-size``, the scores are read a block of classes at a
+time (:func:`logitsep.thresholds.calibrate_blocked`: the same thresholds, to the bit).
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from ..core.tables import text_table
-from .common import add_dataset, dataset_of, print_json
+from .common import add_block_size, add_dataset, dataset_of, print_json
 
 HELP = "calibrate per-class and global thresholds on the validation split"
 
@@ -17,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--recall", type=float, help="target recall instead of a precision")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--device", default="cpu")
+    add_block_size(p)
     add_dataset(p, required=False, help="calibrate on this dataset's --split (default: the run's own, or --data)")
 
 
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = dataset_of(args)
     data = load_dataset(dataset) if dataset is not None else None
     th = calibrate_run(args.run, data=data, precision=args.precision, recall=args.recall, split=args.split,
-                       device=args.device)
+                       device=args.device, block_size=args.block_size)
     if args.json:
         print_json(th.to_dict())
     else:

@@ -101,6 +101,32 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
+def add_block_size(parser: argparse.ArgumentParser) -> None:
+    """``--block-size N``: compute in blocks of N classes (automatic above ``BLOCKS_ABOVE`` scores)."""
+    from ..core.blocks import BLOCKS_ABOVE
+
+    parser.add_argument("--block-size", type=_positive_int, metavar="N",
+                        help=f"read the scores N classes at a time instead of all [n, k] at once (the same results); "
+                             f"done anyway, about 4M scores per block, above n*k = {BLOCKS_ABOVE:,} scores")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of classes, got {text!r}")
+    return value
+
+
+def use_blocks(args: argparse.Namespace, n: int, k: int) -> bool:
+    """Whether a command computes in blocks: ``--block-size`` given, or ``n·k`` above ``BLOCKS_ABOVE``."""
+    from ..core.blocks import BLOCKS_ABOVE
+
+    return args.block_size is not None or n * k > BLOCKS_ABOVE
+
+
 def summary_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     """``metric, single logit, all logits`` rows of a run's metrics (``train``, ``evaluate``)."""
     keys = [ROW_KEYS[-1], *ROW_KEYS[:-1]]  # accuracy first
