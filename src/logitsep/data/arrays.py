@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def _class_names(folder: Path, k_seen: int, multilabel: bool) -> list[str] | Non
     names = [n.strip() for n in names]
     if any(not n for n in names):
         raise ValueError(f"{path}: line {names.index('') + 1} is empty; line i must name class i")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)  # not names.count: O(k²) at k = 10⁵
     if repeated:
         raise ValueError(f"{path}: class names must be unique, repeated: {', '.join(repeated[:10])}")
     if (multilabel and len(names) != k_seen) or len(names) < k_seen:
