@@ -112,18 +112,23 @@ def test_inclusion_weights_match_a_brute_force_probability():
     assert c.classes[c.target_pos].tolist() == y.tolist()
 
 
-def test_inclusion_frequency_matches_the_weights():
-    k, n, trials = 20, 6, 4000
+@pytest.mark.parametrize("k,n", [(20, 6), (20, 15), (1000, 40)])
+def test_inclusion_frequency_matches_the_weights(k, n):
+    trials = 4000
     y = torch.tensor([3])
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(k)
     for _ in range(trials):
-        counts[sample_candidates(y, k, n, generator=gen).classes] += 1
+        c = sample_candidates(y, k, n, generator=gen)
+        assert len(c.classes) in (n, n + 1)  # n distinct drawn classes, plus the true class unless drawn
+        assert torch.allclose(c.log_weight[c.classes != 3].exp(), torch.tensor(k / n))
+        counts[c.classes] += 1
     freq = counts / trials
-    expected = 1 - (1 - 1 / k) ** n
+    expected = n / k  # a simple random sample of n distinct classes
     assert freq[3] == 1.0
     others = torch.cat([freq[:3], freq[4:]])
     assert abs(float(others.mean()) - expected) < 0.01
+    assert float((others - expected).abs().max()) < 5 * math.sqrt(expected * (1 - expected) / trials) + 0.01
 
 
 @pytest.mark.parametrize("name", ["bce", "nce", "batch_ce"])
@@ -246,7 +251,7 @@ def test_sparse_gradients_over_every_row_follow_torch_sgd():
     for step in range(5):
         g = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         a.grad = g.clone()
-        b.grad = torch.sparse_coo_tensor(rows[None], g.clone(), (8, 3))
+        b.grad = torch.sparse_coo_tensor(rows[None], g.clone(), (8, 3), check_invariants=True)
         ref.step()
         ours.step()
     torch.testing.assert_close(b, a, rtol=1e-15, atol=1e-15)
@@ -259,7 +264,7 @@ def test_sparse_gradients_move_only_their_rows_with_per_row_momentum():
     velocity = torch.zeros_like(theta)
     for step, rows in enumerate([[1, 4], [4, 6], [0, 1, 7], [4]]):
         g = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-        p.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, (8, 3))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, (8, 3), check_invariants=True)
         opt.step()
         for r, gr in zip(rows, g, strict=True):  # the reference: one row at a time
             velocity[r] = mu * velocity[r] + gr + wd * theta[r]
@@ -282,7 +287,7 @@ def test_state_dict_round_trip_resumes_exactly():
                 p = p2
             rows = torch.tensor([[step % 8, (step + 3) % 8]])
             g = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-            p.grad = torch.sparse_coo_tensor(rows, g, (8, 3))
+            p.grad = torch.sparse_coo_tensor(rows, g, (8, 3), check_invariants=True)
             opt.step()
         return p.detach()
 

@@ -4,9 +4,11 @@ The exact losses take all ``[m, k]`` logits, ``O(m·k·d)`` per step. The forms 
 the head's ``weight [k, d]`` and ``bias [k]`` and the class indices ``y [m]``, and compute the logits of a
 **candidate set** ``C`` only, ``O(m·|C|·d)``:
 
-* ``C = T ∪ S``: ``T`` the batch's true classes (always in), ``S`` the distinct classes of ``num_sampled`` draws
-  with replacement from a proposal ``p`` (uniform; for ``nce`` its noise distribution ``q``). A class outside ``T``
-  is in ``C`` with probability ``π_j = 1 − (1 − p_j)^num_sampled``.
+* ``C = T ∪ S``: ``T`` the batch's true classes (always in) and ``S`` the sample: ``num_sampled`` distinct classes
+  drawn uniformly without replacement (a simple random sample, ``π_j = num_sampled/k``), or, for ``nce`` with a
+  given noise distribution ``q``, the distinct classes of ``num_sampled`` draws with replacement from ``q``
+  (``π_j = 1 − (1 − q_j)^num_sampled``). A class outside ``T`` is in ``C`` with probability ``π_j``; ``|C|`` is
+  about ``|T| + num_sampled`` whatever k (with replacement, collisions would make it smaller at small k).
 * Every sum over classes ``Σ_j f(z_ij)`` becomes the Horvitz–Thompson estimate ``Σ_{j∈C} f(z_ij)/π_j`` (``π_j = 1``
   on ``T``): **unbiased** for the sum, whatever ``f``. As ``log w_j = −log π_j`` added to a logit inside a
   log-sum-exp it is the "log-probability correction" of sampled softmax (Jean et al. 2015), with the inclusion
@@ -27,9 +29,10 @@ Per loss (class-index targets; multi-label targets are refused, they have no sam
 
 The gradients reach only the rows of ``C`` (:func:`logitsep.core.rows.gather_rows`: a sparse gradient), which
 :class:`logitsep.optim.RowSparseSGD` applies row by row: a step costs ``O(m·|C|·d)`` whatever ``k``. Sampling is
-``O(num_sampled)`` for the uniform proposal; a custom ``nce`` noise vector is sampled with ``torch.multinomial``,
-``O(k)`` per step (still far below the ``O(m·k·d)`` of the exact loss). Draws use ``generator`` or torch's global
-generator (whose state the training checkpoint saves, so a resumed run draws the same candidates).
+``O(num_sampled·log num_sampled)`` for the uniform proposal; a custom ``nce`` noise vector is sampled with
+``torch.multinomial``, ``O(k)`` per step (still far below the ``O(m·k·d)`` of the exact loss). Draws use
+``generator`` or torch's global generator (whose state the training checkpoint saves, so a resumed run draws the
+same candidates).
 """
 
 from __future__ import annotations
@@ -61,6 +64,25 @@ class Candidates:
     target_pos: Tensor
 
 
+def _distinct_uniform(k: int, s: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``s`` distinct classes of ``k``, every ``s``-subset equally likely (``s < k``). Without a ``k``-sized
+    permutation when ``s ≪ k``: the first ``s`` distinct values of a sequence of uniform draws are a uniform
+    ``s``-subset (the draws are exchangeable); more draws are taken until ``s`` distinct ones have appeared."""
+    if 2 * s > k:  # a permutation is cheap next to the step then
+        return torch.randperm(k, generator=generator, device=device)[:s]
+    draws = torch.empty(0, dtype=torch.long, device=device)
+    while True:
+        more = torch.randint(k, (s + s // 4 + 16,), generator=generator, device=device)
+        draws = torch.cat([draws, more])
+        values, inverse = torch.unique(draws, return_inverse=True)
+        if len(values) >= s:
+            break
+    positions = torch.arange(len(draws), device=device)
+    first = torch.full((len(values),), len(draws), dtype=torch.long, device=device)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    return values[torch.argsort(first)[:s]]
+
+
 def _log_inclusion(p: Tensor, draws: int) -> Tensor:
     """``log(1 − (1 − p)^draws)``, computed as ``log(−expm1(draws·log1p(−p)))`` (no cancellation for small p)."""
     return torch.log(-torch.expm1(draws * torch.log1p(-p.double()))).to(p.dtype)
@@ -77,14 +99,15 @@ def sample_candidates(target: Tensor, k: int, num_sampled: int, *, noise: Tensor
         return Candidates(classes, torch.zeros(k, dtype=dtype, device=device), target)
     gen_device = generator.device if generator is not None else device
     if noise is None:
-        draws = torch.randint(k, (num_sampled,), generator=generator, device=gen_device)
+        draws = _distinct_uniform(k, num_sampled, generator, gen_device)
     else:
         draws = torch.multinomial(noise.float().to(gen_device), num_sampled, replacement=True, generator=generator)
     true = torch.unique(target)
     classes = torch.unique(torch.cat([true, draws.to(device)]))
-    p = torch.full((len(classes),), 1.0 / k, dtype=torch.float64, device=device) if noise is None \
-        else noise.to(device=device, dtype=torch.float64)[classes]
-    log_weight = -_log_inclusion(p, num_sampled)
+    if noise is None:  # a simple random sample: every class is in it with probability num_sampled / k
+        log_weight = torch.full((len(classes),), math.log(k / num_sampled), dtype=torch.float64, device=device)
+    else:
+        log_weight = -_log_inclusion(noise.to(device=device, dtype=torch.float64)[classes], num_sampled)
     log_weight[torch.searchsorted(classes, true)] = 0.0  # the batch's classes are in C with probability 1
     return Candidates(classes, log_weight.to(dtype), torch.searchsorted(classes, target))
 
