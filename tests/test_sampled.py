@@ -120,11 +120,11 @@ def test_inclusion_frequency_matches_the_weights(k, n):
     counts = torch.zeros(k)
     for _ in range(trials):
         c = sample_candidates(y, k, n, generator=gen)
-        assert len(c.classes) in (n, n + 1)  # n distinct drawn classes, plus the true class unless drawn
-        assert torch.allclose(c.log_weight[c.classes != 3].exp(), torch.tensor(k / n))
+        assert len(c.classes) == n  # the true class and n - 1 others: the same count whatever k
+        assert torch.allclose(c.log_weight[c.classes != 3].exp(), torch.tensor((k - 1) / (n - 1)))
         counts[c.classes] += 1
     freq = counts / trials
-    expected = n / k  # a simple random sample of n distinct classes
+    expected = (n - 1) / (k - 1)  # a simple random sample of n - 1 of the k - 1 other classes
     assert freq[3] == 1.0
     others = torch.cat([freq[:3], freq[4:]])
     assert abs(float(others.mean()) - expected) < 0.01

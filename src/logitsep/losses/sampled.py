@@ -4,11 +4,11 @@ The exact losses take all ``[m, k]`` logits, ``O(m·k·d)`` per step. The forms 
 the head's ``weight [k, d]`` and ``bias [k]`` and the class indices ``y [m]``, and compute the logits of a
 **candidate set** ``C`` only, ``O(m·|C|·d)``:
 
-* ``C = T ∪ S``: ``T`` the batch's true classes (always in) and ``S`` the sample: ``num_sampled`` distinct classes
-  drawn uniformly without replacement (a simple random sample, ``π_j = num_sampled/k``), or, for ``nce`` with a
-  given noise distribution ``q``, the distinct classes of ``num_sampled`` draws with replacement from ``q``
-  (``π_j = 1 − (1 − q_j)^num_sampled``). A class outside ``T`` is in ``C`` with probability ``π_j``; ``|C|`` is
-  about ``|T| + num_sampled`` whatever k (with replacement, collisions would make it smaller at small k).
+* ``C = T ∪ S``: ``T`` the batch's true classes (always in) and ``S`` a sample of the other classes. Uniform (as in
+  Partial FC): ``C`` has ``num_sampled`` classes, ``S`` being ``s = num_sampled − |T|`` (at least 1) classes drawn
+  uniformly without replacement from the ``k − |T|`` others (a simple random sample: ``π_j = s/(k − |T|)``), so a
+  step scores the same number of classes whatever k. For ``nce`` with a given noise distribution ``q``: ``S`` is the
+  distinct classes of ``num_sampled`` draws with replacement from ``q`` (``π_j = 1 − (1 − q_j)^num_sampled``).
 * Every sum over classes ``Σ_j f(z_ij)`` becomes the Horvitz–Thompson estimate ``Σ_{j∈C} f(z_ij)/π_j`` (``π_j = 1``
   on ``T``): **unbiased** for the sum, whatever ``f``. As ``log w_j = −log π_j`` added to a logit inside a
   log-sum-exp it is the "log-probability correction" of sampled softmax (Jean et al. 2015), with the inclusion
@@ -64,22 +64,25 @@ class Candidates:
     target_pos: Tensor
 
 
-def _distinct_uniform(k: int, s: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """``s`` distinct classes of ``k``, every ``s``-subset equally likely (``s < k``). Without a ``k``-sized
-    permutation when ``s ≪ k``: the first ``s`` distinct values of a sequence of uniform draws are a uniform
-    ``s``-subset (the draws are exchangeable); more draws are taken until ``s`` distinct ones have appeared."""
-    if 2 * s > k:  # a permutation is cheap next to the step then
-        return torch.randperm(k, generator=generator, device=device)[:s]
+def _distinct_uniform(k: int, s: int, exclude: Tensor, generator: torch.Generator | None,
+                      device: torch.device) -> Tensor:
+    """``s`` distinct classes of ``k`` outside ``exclude`` (sorted, distinct), every such ``s``-subset equally likely.
+    Without a ``k``-sized permutation when ``s ≪ k``: in a sequence of uniform draws, the first ``s`` distinct values
+    outside ``exclude`` are a uniform ``s``-subset of the others (the draws are exchangeable); more draws are taken
+    until ``s`` of them have appeared."""
+    if 2 * (s + len(exclude)) > k:  # a permutation is cheap next to the step then
+        order = torch.randperm(k, generator=generator, device=device)
+        return order[~torch.isin(order, exclude.to(device))][:s]
     draws = torch.empty(0, dtype=torch.long, device=device)
     while True:
-        more = torch.randint(k, (s + s // 4 + 16,), generator=generator, device=device)
-        draws = torch.cat([draws, more])
+        draws = torch.cat([draws, torch.randint(k, (s + s // 4 + 16,), generator=generator, device=device)])
         values, inverse = torch.unique(draws, return_inverse=True)
-        if len(values) >= s:
+        keep = ~torch.isin(values, exclude.to(device))
+        if int(keep.sum()) >= s:
             break
-    positions = torch.arange(len(draws), device=device)
     first = torch.full((len(values),), len(draws), dtype=torch.long, device=device)
-    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    first.scatter_reduce_(0, inverse, torch.arange(len(draws), device=device), reduce="amin")
+    first[~keep] = len(draws)  # excluded values go last, never among the first s kept
     return values[torch.argsort(first)[:s]]
 
 
@@ -90,22 +93,25 @@ def _log_inclusion(p: Tensor, draws: int) -> Tensor:
 
 def sample_candidates(target: Tensor, k: int, num_sampled: int, *, noise: Tensor | None = None,
                       generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Candidates:
-    """Draw the candidate set of a sampled step (module docstring): the true classes of ``target`` plus the distinct
-    classes of ``num_sampled`` draws from ``noise`` (a probability vector of length ``k``; None: uniform)."""
+    """Draw the candidate set of a sampled step (module docstring): the true classes of ``target`` plus sampled ones,
+    ``num_sampled`` classes in all (uniform), or the distinct classes of ``num_sampled`` draws from ``noise`` (a
+    probability vector of length ``k``)."""
     num_sampled = check_positive_int(num_sampled, "num_sampled", "sampled loss")
     device = target.device
     if num_sampled >= k:  # full coverage: the exact loss
         classes = torch.arange(k, device=device)
         return Candidates(classes, torch.zeros(k, dtype=dtype, device=device), target)
     gen_device = generator.device if generator is not None else device
+    true = torch.unique(target)
     if noise is None:
-        draws = _distinct_uniform(k, num_sampled, generator, gen_device)
+        others = k - len(true)
+        s = min(max(num_sampled - len(true), 1), others)
+        draws = _distinct_uniform(k, s, true, generator, gen_device)
     else:
         draws = torch.multinomial(noise.float().to(gen_device), num_sampled, replacement=True, generator=generator)
-    true = torch.unique(target)
     classes = torch.unique(torch.cat([true, draws.to(device)]))
-    if noise is None:  # a simple random sample: every class is in it with probability num_sampled / k
-        log_weight = torch.full((len(classes),), math.log(k / num_sampled), dtype=torch.float64, device=device)
+    if noise is None:  # a simple random sample of the other classes: each is in it with probability s / others
+        log_weight = torch.full((len(classes),), math.log(others / s), dtype=torch.float64, device=device)
     else:
         log_weight = -_log_inclusion(noise.to(device=device, dtype=torch.float64)[classes], num_sampled)
     log_weight[torch.searchsorted(classes, true)] = 0.0  # the batch's classes are in C with probability 1
