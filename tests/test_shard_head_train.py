@@ -94,3 +94,25 @@ def test_shard_head_refuses_losses_without_a_sharded_form(digits):
         train(dataclasses.replace(_config("ce"), loss="max_margin"), data=digits, progress=False, eval_splits=())
     with pytest.raises(ValueError, match="shard_head and sampled"):
         dataclasses.replace(_config("nce"), sampled=5).validate()
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_with_a_sharded_head(digits, tmp_path):
+    """``torchrun --nproc-per-node 2 -m logitsep train ... --shard-head``: one JSON document, the weights of one
+    process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "logitsep", "train", "--dataset", "digits", "--loss", "batch_ce", "--steps", "6",
+            "--batch-size", "32", "--lr", "0.1", "--seed", "5", "--weight-decay", "1e-3", "--shard-head",
+            "--out", str(out), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["world_size"] == 2 and result["config"]["shard_head"] is True
+    one = dataclasses.replace(_config("batch_ce"), shard_head=False)
+    train(one, data=digits, out=tmp_path / "one", progress=False, eval_splits=())
+    _same(tmp_path / "one" / "model.safetensors", out / "model.safetensors")
