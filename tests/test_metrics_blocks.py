@@ -445,7 +445,9 @@ def test_training_evaluates_and_calibrates_in_blocks_above_the_bound(monkeypatch
     data = load_dataset("digits")
     config = TrainConfig(dataset="digits", loss="bce", steps=20, lr=0.1, batch_size=32)
     train(config, data=data, out=tmp_path / "memory", progress=False)
-    monkeypatch.setattr(train_module, "BLOCKS_ABOVE", 0)
+    import logitsep.core.blocks as blocks_module
+
+    monkeypatch.setattr(blocks_module, "BLOCKS_ABOVE", 0)
     blocks_used = []
     monkeypatch.setattr(train_module, "calibrate_blocked",
                         lambda *a, **kw: blocks_used.append(1) or calibrate_blocked(*a, **kw))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.blocks import BLOCKS_ABOVE
+from .core.blocks import use_blocks
 from .core.checks import check_threshold, class_indices, parse_class
 from .core.images import inputs_from_images, read_images
 from .data import Rows, load_dataset
@@ -204,7 +204,7 @@ class SingleLogitClassifier:
             raise ValueError(f"y must be a [{x.shape[0]}] tensor of class indices, one per input (or an "
                              f"[{x.shape[0]}, {self.num_classes}] 0/1 matrix)")
         h = self.embed(x)
-        if block_size is not None or h.shape[0] * self.num_classes > BLOCKS_ABOVE:
+        if use_blocks(h.shape[0], self.num_classes, block_size):
             th = calibrate_blocked(self.score_blocks(h), self.num_classes, y, **{metric: value},
                                    class_names=self.class_names, block_size=block_size, progress=progress)
         else:

@@ -426,7 +426,8 @@ def _check_logit_shard(logits: object, k: int, start: int, where: str) -> Tensor
     return logits.float() if logits.dtype in HALF_DTYPES else logits
 
 
-def _check_global_target(target: object, m: int, k: int, where: str, device: torch.device) -> Tensor:
+def _check_index_shape(target: object, where: str) -> None:
+    """``target`` must be a tensor of ``[batch]`` class indices (the sharded losses take no multi-label targets)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"{where}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dim() == 2:
@@ -434,6 +435,11 @@ def _check_global_target(target: object, m: int, k: int, where: str, device: tor
                          "give class indices [batch]")
     if target.dim() != 1:
         raise ValueError(f"{where}: target must be [batch] class indices, got shape {tuple(target.shape)}")
+
+
+def _check_global_target(target: object, m: int, k: int, where: str, device: torch.device) -> Tensor:
+    _check_index_shape(target, where)
+    assert isinstance(target, Tensor)
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"{where}: target must be an integer tensor of class indices, got dtype {target.dtype}")
     if target.shape[0] != m:
@@ -569,11 +575,7 @@ def sharded_loss(loss: str | nn.Module, features: Tensor, target: Tensor, head: 
         raise TypeError(f"{where}: features and target must be torch.Tensors")
     if features.dim() != 2 or features.shape[1] != head.d:
         raise ValueError(f"{where}: features must be [batch, {head.d}], got shape {tuple(features.shape)}")
-    if target.dim() == 2:
-        raise ValueError(f"{where}: multi-label [batch, classes] targets are not supported by the sharded losses; "
-                         "give class indices [batch]")
-    if target.dim() != 1:
-        raise ValueError(f"{where}: target must be [batch] class indices, got shape {tuple(target.shape)}")
+    _check_index_shape(target, where)
     if n == 1:
         h, y = features, target
     else:

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, sharded
-from .core.blocks import BLOCKS_ABOVE
+from .core.blocks import use_blocks
 from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
@@ -146,9 +146,8 @@ def evaluate_blocked(model: torch.nn.Module, x: Tensor, y: Tensor, device: str |
     y = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
     k = head.k
 
-    def outputs(start: int, stop: int) -> Tensor:
-        with torch.no_grad():
-            return head.outputs(h, range(start, stop)).float().cpu()
+    def outputs(start: int, stop: int) -> Tensor:  # called within this function: under its no_grad
+        return head.outputs(h, range(start, stop)).float().cpu()
 
     metrics = slc_metrics_blocked(outputs, k, y, block_size=block_size, progress=progress)
     scaled = outputs if softmax_scale == 1.0 else (lambda start, stop: outputs(start, stop) * softmax_scale)
@@ -543,23 +542,21 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
     config, model = s.config, s.model
     result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
                               "final_train_loss": last_loss, "world_size": s.ctx.world_size}
+    opt_state = _optimizer_state(s)  # a collective under --shard-head: rank 0's head gets its rows for evaluation
     if s.out is not None:
-        _checkpoint_state = _optimizer_state(s)  # a collective under --shard-head: rank 0's head gets its rows
         _check_finite_weights(model if s.head_shard is None or s.ctx.is_main else model.features, config.steps)
-    elif s.head_shard is not None:
-        _optimizer_state(s)
     if not s.ctx.is_main:
         return model, result
     device = str(s.ctx.device)
     for split in eval_splits:
         ex, ey = s.data.split(split)
-        if ex.shape[0] * s.data.num_classes > BLOCKS_ABOVE:  # the [n, k] scores would not fit: blocks of classes
+        if use_blocks(ex.shape[0], s.data.num_classes):  # the [n, k] scores would not fit: blocks of classes
             result[split] = evaluate_blocked(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
         else:
             result[split] = evaluate_model(model, ex, ey, device=device, softmax_scale=softmax_scale(config))
     if s.out is not None:
         write_json(s.out / METRICS, result)
-        _save_checkpoint(s.out, model, _checkpoint_state, config, config.steps, s.window,
+        _save_checkpoint(s.out, model, opt_state, config, config.steps, s.window,
                          s.elapsed_before + seconds, s.ctx.world_size)
         _write_thresholds(s)
     return model, result
@@ -571,7 +568,7 @@ def _write_thresholds(s: _Session) -> None:
     tied to it by the SHA-256 of ``model.safetensors``."""
     x, y = s.data.split("valid")
     h = s.model.embed_in_batches(x, device=s.ctx.device)
-    if h.shape[0] * s.data.num_classes > BLOCKS_ABOVE:  # a block of classes at a time, the same thresholds
+    if use_blocks(h.shape[0], s.data.num_classes):  # a block of classes at a time, the same thresholds
         th = calibrate_blocked(lambda a, b: s.model.head.logit_columns(h, range(a, b)).float().cpu(),
                                s.data.num_classes, y, class_names=s.data.class_names)
     else:

@@ -122,9 +122,9 @@ def _positive_int(text: str) -> int:
 
 def use_blocks(args: argparse.Namespace, n: int, k: int) -> bool:
     """Whether a command computes in blocks: ``--block-size`` given, or ``n·k`` above ``BLOCKS_ABOVE``."""
-    from ..core.blocks import BLOCKS_ABOVE
+    from ..core.blocks import use_blocks as blocks_rule
 
-    return args.block_size is not None or n * k > BLOCKS_ABOVE
+    return blocks_rule(n, k, args.block_size)
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[list[Any]]:

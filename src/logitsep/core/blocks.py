@@ -29,6 +29,12 @@ BLOCK_SCORES = 2**22
 ScoreBlock = Callable[[int, int], object]
 
 
+def use_blocks(n: int, k: int, block_size: int | None = None) -> bool:
+    """The one rule for when scores are read a block of classes at a time: a ``block_size`` is given, or the ``n·k``
+    scores are more than :data:`BLOCKS_ABOVE`."""
+    return block_size is not None or n * k > BLOCKS_ABOVE
+
+
 def default_block_size(n: int) -> int:
     """Classes per block for ``n`` examples: ``max(1, BLOCK_SCORES // n)``."""
     return max(1, BLOCK_SCORES // max(1, n))
