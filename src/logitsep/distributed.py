@@ -76,6 +76,12 @@ class Context:
             self.owns_group = False
 
 
+def wait_for_all(ctx: Context) -> None:
+    """A barrier over the ranks of a multi-process run (nothing alone)."""
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
 def setup(device: str) -> Context:
     """Join the process group that torchrun describes (``WORLD_SIZE`` > 1 in the environment), or use the one
     already initialised by the caller, or run alone. Under torchrun a CUDA device becomes ``cuda:LOCAL_RANK``

@@ -349,7 +349,13 @@ def train(config: TrainConfig, data: Splits | None = None, out: str | Path | Non
         session = _start(config, data, out_path, resume, ctx)
         began = time.perf_counter()
         last_loss = _loop(session, progress, checkpoint_every, log_every, tensorboard)
-        return _finish(session, time.perf_counter() - began, last_loss, eval_splits)
+        model, result = _finish(session, time.perf_counter() - began, last_loss, eval_splits)
+        # Leave together: drop the DDP wrapper (its reducer holds the process group) and wait for every rank before
+        # the group is destroyed. A gloo rank that tore its group down while rank 0 still evaluated was once seen to
+        # leave rank 0 hanging in the group's destructor (--shard-head under torchrun, a loaded machine).
+        session.net = session.model
+        distributed.wait_for_all(ctx)
+        return model, result
     finally:
         ctx.close()
 
