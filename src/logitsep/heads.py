@@ -122,9 +122,16 @@ class Head:
         return torch.stack([self.logit(h, c) for c in columns], dim=1)
 
     @torch.no_grad()
-    def fingerprint(self) -> str:
-        """SHA-256 of the head (see the class docstring); changes with any parameter."""
+    def fingerprint(self, rows: int | None = None) -> str:
+        """SHA-256 of the head (see the class docstring); changes with any parameter. ``rows``: of its first
+        ``rows`` classes only, as if the head had those alone (the trained classes of a head with enrolled rows:
+        an index built before an enrollment stays valid after it)."""
         description, tensors = self._fingerprint_parts()
+        if rows is not None and rows != self.k:
+            if not 1 <= rows <= self.k:
+                raise ValueError(f"fingerprint of {rows} rows asked of a head of {self.k}")
+            description = {**description, "shape": [rows, *description["shape"][1:]]}
+            tensors = [t[:rows] for t in tensors]
         digest = hashlib.sha256(json.dumps(description).encode())
         for t in tensors:
             digest.update(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))

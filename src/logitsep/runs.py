@@ -9,7 +9,9 @@ A run folder holds (all written atomically; nothing is ever unpickled):
 - ``checkpoint.safetensors``: everything a resume needs (weights, momentum, RNG state; see ``logitsep.train``);
 - ``model.safetensors``: the weights and batch-norm statistics (metadata ``step``);
 - ``state.json``: the :class:`TrainConfig` and the step reached (written last: it marks a complete checkpoint);
-- ``log.csv``, ``metrics.json``, ``thresholds.json`` (``logitsep.thresholds``).
+- ``log.csv``, ``metrics.json``, ``thresholds.json`` (``logitsep.thresholds``);
+- ``enrolled.safetensors``, ``negatives.safetensors``: classes added after training and the stored embeddings
+  their rows are fitted against (:mod:`logitsep.enrollment`; ``logitsep enroll``).
 
 :func:`load_run` reads a run into a :class:`Run` (the model with its weights, spec, config, step and the
 fingerprint of its checkpoint). Runs written before ``model.json`` existed load where their dataset loads (the
@@ -32,6 +34,7 @@ import torch
 from .core.checks import check_positive_int
 from .core.files import check_versioned, invalid, read_json, write_json
 from .core.images import image_layout
+from .enrollment import Enrolled, extend_head, read_enrolled
 from .losses import LOSSES, SAMPLED_FORMS, loss_spec
 from .models import SLCModel, build_model, check_model_name
 
@@ -193,7 +196,9 @@ def read_spec(run: str | Path) -> ModelSpec | None:
 @dataclass
 class Run:
     """A loaded run: ``model`` (its weights loaded, evaluation mode, on ``device``), ``spec``, ``config``, ``step``,
-    ``fingerprint`` (``{"sha256", "step"}`` of ``model.safetensors``) and ``path``."""
+    ``fingerprint`` (``{"sha256", "step"}`` of ``model.safetensors``), ``path`` and ``enrolled`` (the classes added
+    after training, :class:`~logitsep.enrollment.Enrolled`; their rows follow the trained ones in ``model.head``).
+    ``spec`` describes the checkpoint (the trained classes); ``class_names`` lists every class."""
 
     path: Path
     spec: ModelSpec
@@ -201,6 +206,11 @@ class Run:
     step: int
     model: SLCModel
     fingerprint: dict[str, Any]
+    enrolled: Enrolled | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return [*self.spec.class_names, *(self.enrolled.names if self.enrolled is not None else [])]
 
 
 def _one_line(text: str) -> str:
@@ -243,10 +253,11 @@ def spec_of_run(run: str | Path, config: TrainConfig, data: Any = None) -> Model
     return model_spec(config, data)
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu", data: Any = None) -> Run:
+def load_run(run: str | Path, device: str | torch.device = "cpu", data: Any = None, enrolled: bool = True) -> Run:
     """Load a run folder (see the module docstring): the one loader of ``evaluate``, ``calibrate``, ``query``,
     ``index`` and ``serve``. ``data``: the run's dataset when already loaded (used only by runs without
-    ``model.json``).
+    ``model.json``). ``enrolled``: extend the head with the run's enrolled classes (False: the trained classes
+    only, as ``calibrate`` and ``evaluate`` use it).
 
     Errors: ``FileNotFoundError`` for a missing folder or checkpoint; ``ValueError`` for a corrupt state, spec or
     checkpoint, and for a checkpoint that does not fit the model its spec describes (naming the run and the
@@ -276,5 +287,11 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", data: Any = No
         raise ValueError(f"run {run}: {WEIGHTS} does not match the model its spec describes ({spec.architecture}, "
                          f"{spec.head} head, {spec.num_classes} classes of {spec.dataset}): "
                          f"{_one_line(str(err))}") from err
+    sha = hashlib.sha256(blob).hexdigest()
+    added = None
+    if enrolled:
+        head = model.head
+        added = read_enrolled(run, sha, int(head.weight.shape[1]), getattr(head, "bias", None) is not None)
+        model.head = extend_head(head, added)
     model = model.to(device).eval()
-    return Run(run, spec, config, step, model, {"sha256": hashlib.sha256(blob).hexdigest(), "step": step})
+    return Run(run, spec, config, step, model, {"sha256": sha, "step": step}, added)

@@ -98,6 +98,15 @@ class Thresholds:
         return cls(float(glob["threshold"]), [float(e["threshold"]) for e in classes], dict(target),
                    {k: v for k, v in glob.items() if k != "threshold"}, stats, model)
 
+    def with_classes(self, names: Sequence[str], keep: int | None = None) -> Thresholds:
+        """A copy with the first ``keep`` classes (default: all) and then one class per name of ``names`` at the
+        global threshold (enrolled classes, :mod:`logitsep.enrollment`)."""
+        keep = len(self.per_class) if keep is None else keep
+        stats = [dict(s) for s in self.class_stats[:keep]]
+        stats += [{"source": "enrolled", "name": str(n)} for n in names]
+        return Thresholds(self.global_threshold, [*self.per_class[:keep], *[self.global_threshold] * len(names)],
+                          dict(self.target), dict(self.global_stats), stats, self.model)
+
     def save(self, path: str | Path) -> Path:
         """Write the thresholds as JSON, atomically (a temporary file renamed over ``path``)."""
         return write_json(path, self.to_dict())

@@ -7,7 +7,9 @@
     logitsep evaluate DIR                SLC metrics of a trained run
     logitsep calibrate RUN [--precision P | --recall R]   per-class + global thresholds -> RUN/thresholds.json
     logitsep query RUN --class C --input FILE   one class's logit for images (.npy/.png): score, match
-    logitsep reproduce table1|table2|alignment --dataset D --out DIR
+    logitsep enroll RUN --name N --input FILE|DIR   add a class from a few images
+    logitsep classes RUN [--remove NAME]  the run's classes, trained and enrolled
+    logitsep reproduce table1|table2|alignment|openset|enroll --dataset D --out DIR
     logitsep summarize DIR... --out DIR  table2 over seeds: mean ± sd of several reproduce runs
     logitsep index RUN --out DIR         embed a dataset split with a run's model: an index for class search
     logitsep bench NAME                  speed benchmarks (ratios to a baseline timed in the same run)
@@ -24,11 +26,26 @@ from types import ModuleType
 
 from ..core.extras import MissingExtra
 from ..data import DatasetNotFoundError
-from . import bench, calibrate, demo, evaluate, index, losses, query, reproduce, serve, summarize, train
+from . import (
+    bench,
+    calibrate,
+    classes,
+    demo,
+    enroll,
+    evaluate,
+    index,
+    losses,
+    query,
+    reproduce,
+    serve,
+    summarize,
+    train,
+)
 
 COMMANDS: dict[str, ModuleType] = {
     "losses": losses, "train": train, "evaluate": evaluate, "reproduce": reproduce, "summarize": summarize,
-    "calibrate": calibrate, "query": query, "index": index, "bench": bench, "demo": demo, "serve": serve,
+    "calibrate": calibrate, "query": query, "enroll": enroll, "classes": classes,
+    "index": index, "bench": bench, "demo": demo, "serve": serve,
 }
 
 

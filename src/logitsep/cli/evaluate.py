@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import check_fits, load_run
     from ..train import evaluate_model, softmax_scale
 
-    loaded = load_run(args.dir, device=args.device)
+    loaded = load_run(args.dir, device=args.device, enrolled=False)  # the dataset has the trained classes only
     config = loaded.config
     data = load_dataset(dataset_of(args) or config.dataset)
     check_fits(loaded.spec, data)

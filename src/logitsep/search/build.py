@@ -30,7 +30,7 @@ def build_index(run_dir: str | os.PathLike, out: str | os.PathLike, dataset: str
     out = Path(out)
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, enrolled=False)  # the fingerprint of the trained rows: enrollments keep it valid
     spec = run.spec
     data = load_dataset(dataset or run.config.dataset)
     if tuple(data.input_shape) != spec.input_shape:
@@ -41,7 +41,7 @@ def build_index(run_dir: str | os.PathLike, out: str | os.PathLike, dataset: str
     names = list(spec.class_names)  # the model's classes (the items may come from other data)
     meta = {"run": str(Path(run_dir).resolve()), "dataset": data.name, "split": split, "model": spec.architecture,
             "loss": spec.loss, "step": run.step, "head": type(head).__name__, "num_classes": head.k,
-            "embedding_dim": head.d, "head_sha256": head.fingerprint(),
+            "embedding_dim": head.d, "head_sha256": head.fingerprint(), "head_rows": head.k,
             "class_names": names if len(names) <= 1000 else None}  # the header stays small
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".build", dir=out.parent))

@@ -44,6 +44,16 @@ def head_fingerprint(head: nn.Module) -> str:
     return as_head(head).fingerprint()
 
 
+def _head_rows(meta: dict, k: int) -> int:
+    """The rows of the head an index was built with (its trained classes): ``head_rows`` in its header, else the
+    number of its class names, else ``k``."""
+    rows = meta.get("head_rows")
+    if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1:
+        return rows
+    names = meta.get("class_names")
+    return len(names) if isinstance(names, list) and names else k
+
+
 class ClassSearch:
     """Search an :class:`~.storage.EmbeddingIndex` by class with a model's head.
 
@@ -58,11 +68,14 @@ class ClassSearch:
         if index.dim != d + 1:
             raise ValueError(f"{index.path} holds {index.dim}-dimensional vectors but this head's class vectors have "
                              f"{d + 1} (embedding dimension {d} + the bias): built with another model")
-        expected, ours = index.meta.get("head_sha256"), self.head.fingerprint()
+        expected, rows = index.meta.get("head_sha256"), _head_rows(index.meta, self.head.k)
+        ours = self.head.fingerprint(rows) if rows <= self.head.k else "(fewer rows)"
         if expected is not None and expected != ours:
             raise ValueError(f"{index.path} was built with a different model head (fingerprint {expected[:12]}…, "
                              f"this head's is {ours[:12]}…); rebuild it with `logitsep index`")
         names = class_names if class_names is not None else index.meta.get("class_names")
+        if class_names is None and names and len(names) < self.num_classes:  # built before classes were enrolled
+            names = None
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a head of {self.num_classes} classes")
@@ -71,7 +84,7 @@ class ClassSearch:
     def from_run(cls, run_dir: str | os.PathLike, index_dir: str | os.PathLike, device: str = "cpu") -> ClassSearch:
         """The head and class names of the run in ``run_dir`` (``logitsep train``) over the index in ``index_dir``."""
         run = load_run(run_dir, device)
-        return cls(EmbeddingIndex.open(index_dir), run.model.head, run.spec.class_names)
+        return cls(EmbeddingIndex.open(index_dir), run.model.head, run.class_names)
 
     def class_index(self, c: object) -> int:
         """The index of class ``c`` (an int in ``[0, k)``, one of ``class_names``, or a string of an index)."""

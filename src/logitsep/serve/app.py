@@ -1,8 +1,9 @@
 """The HTTP service: a FastAPI app over a :class:`~logitsep.serve.service.Service`.
 
 Every error is a 4xx answer ``{"error": "<what is wrong>"}``; the OpenAPI schema is at ``/openapi.json``
-(interactive docs at ``/docs``). Routes: ``/health``, ``/classes``, ``/search``, ``/query``, ``/ingest``,
-``/stream`` (server-sent events), ``/items/{id}.png``, ``/stats`` and the live page at ``/``.
+(interactive docs at ``/docs``). Routes: ``/health``, ``/classes`` (``POST``: enroll a class from images,
+``DELETE /classes/{id}``: remove an enrolled one), ``/search``, ``/query``, ``/ingest``, ``/stream`` (server-sent
+events), ``/items/{id}.png``, ``/stats`` and the live page at ``/``.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..enrollment import MAX_NAME
 from .requests import MAX_IMAGES, BadInput, decode_base64
 from .service import Service
 
@@ -44,6 +46,24 @@ class ClassInfo(BaseModel):
     id: int
     name: str
     threshold: float = Field(description="this class's calibrated threshold (the defaults use the global one)")
+    enrolled: bool = Field(False, description="added after training (POST /classes); its threshold is the global one")
+
+
+class EnrollRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="the new class's name (not in use, not a number)")
+    images: list[str] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs of the new class")
+
+
+class EnrollResult(BaseModel):
+    id: int = Field(description="the new class's id (enrolled classes follow the trained ones)")
+    name: str
+    examples: int
+    threshold: float = Field(description="the class's threshold: the run's global threshold")
+
+
+class Removed(BaseModel):
+    removed: int = Field(description="the id the class had; enrolled classes after it moved down one id")
+    name: str
 
 
 class Classes(BaseModel):
@@ -103,7 +123,7 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 401, 404, 413, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 422)}
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -253,13 +273,25 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None]) -> None:
-    """``/ingest`` (bearer token when the server has one)."""
+    """``/ingest``, ``POST /classes``, ``DELETE /classes/{id}`` (bearer token when the server has one)."""
 
     @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=[Depends(authorize)])
     async def ingest(body: IngestRequest) -> Any:
         """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
         return await service.ingest_async(pngs)
+
+    @app.post("/classes", response_model=EnrollResult, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def enroll(body: EnrollRequest) -> Any:
+        """Add a class from a few images (all or nothing; persisted in the run folder before it answers): its row
+        is placed against the global threshold, which becomes its threshold. 409: the name is in use."""
+        pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
+        return await run_in_threadpool(service.enroll, body.name, pngs)
+
+    @app.delete("/classes/{class_id}", response_model=Removed, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def remove(class_id: int) -> Any:
+        """Remove an enrolled class (409 for a trained one); the enrolled classes after it move down one id."""
+        return await run_in_threadpool(service.remove, class_id)
 
 
 def _add_stream_route(app: FastAPI, service: Service, heartbeat: float) -> None:

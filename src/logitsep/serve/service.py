@@ -38,6 +38,7 @@ import torch
 from ..classifier import SingleLogitClassifier
 from ..core.files import atomic_write
 from ..core.images import encode_png, image_layout, inputs_from_images, pixels_from_inputs
+from ..enrollment import check_name
 from ..search import EmbeddingIndex
 from ..search.select import select
 from .cache import ScoreCache
@@ -67,16 +68,13 @@ class Service:
     def __init__(self, classifier: SingleLogitClassifier, folder: str | os.PathLike,
                  score_cache: int = 256 << 20) -> None:
         self.classifier = classifier
-        self.head = classifier.head
-        self.num_classes = int(classifier.num_classes)
-        self.class_names = list(classifier.class_names)
         self.input_shape = tuple(classifier.input_shape)
         self.layout = image_layout(self.input_shape)  # None: a model of feature vectors (no images to ingest)
         if classifier.thresholds is None:
             run = classifier.run_dir or "RUN"
             raise ValueError(f"{run} has no calibrated thresholds (thresholds.json): run `logitsep calibrate {run}`")
         self.threshold = float(classifier.thresholds.global_threshold)
-        self.per_class = [float(t) for t in classifier.thresholds.per_class]
+        self._take_classes()
         self.folder = Path(folder)
         self.index = self._open_index()
         meta = self.index.meta
@@ -86,18 +84,29 @@ class Service:
         self.images.mkdir(exist_ok=True)
         self._remove_orphans()
         self._write_lock = threading.Lock()
+        self._cache_budget = score_cache
         self.cache = ScoreCache(score_cache) if score_cache > 0 else None
         self.stream = Broadcast(self.class_names)
         self.ingested = 0  # items added by this process
 
+    def _take_classes(self) -> None:
+        """The classifier's classes as they are now (at start, and after an enrollment or a removal)."""
+        self.head = self.classifier.head
+        self.num_classes = int(self.classifier.num_classes)
+        self.class_names = list(self.classifier.class_names)
+        self.per_class = [float(t) for t in self.classifier.thresholds.per_class]
+
     def _open_index(self) -> EmbeddingIndex:
-        """The serve folder's index, refusing one of another model; a new one when the folder has none."""
+        """The serve folder's index, refusing one of another model; a new one when the folder has none. The head's
+        fingerprint is that of its trained rows: enrolling a class keeps the index valid."""
         dim = self.head.d + 1
-        head_sha = self.head.fingerprint()
+        base = self.classifier.base_classes
+        head_sha = self.head.fingerprint(base)
         model_sha = (self.classifier.fingerprint or {}).get("sha256")
         if not (self.folder / "header.json").is_file():
             meta = {"source": "logitsep serve", "run": str(self.classifier.run_dir or ""), "head_sha256": head_sha,
-                    "model_sha256": model_sha, "num_classes": self.num_classes, "class_names": self.class_names}
+                    "head_rows": base, "model_sha256": model_sha, "num_classes": base,
+                    "class_names": self.class_names[:base]}
             return EmbeddingIndex.create(self.folder, dim, meta=meta)
         index = EmbeddingIndex.open(self.folder, writable=True)
         meta = index.meta
@@ -182,6 +191,44 @@ class Service:
                 on_commit(start, vectors, total)
         return start, vectors, total
 
+    def enroll(self, name: object, pngs: list[bytes]) -> dict[str, Any]:
+        """Add class ``name`` from images (:meth:`SingleLogitClassifier.enroll`: persisted in the run folder before
+        it is used); all or nothing. A name in use is a 409, bad images a 400/422 (nothing changes)."""
+        try:
+            name = check_name(name, self.class_names)
+        except (TypeError, ValueError) as err:
+            raise BadInput(str(err), 409 if isinstance(name, str) and name in self.class_names else 422) from None
+        pixels = self.decode(pngs)
+        x = inputs_from_images(pixels, self.input_shape)
+        with self._write_lock:  # one change of the classes at a time, none during an ingest's commit
+            try:
+                class_id = self.classifier.enroll(name, x)
+            except ValueError as err:
+                raise BadInput(str(err), 409 if name in self.classifier.class_names else 422) from None
+            self._classes_changed()
+        return {"id": class_id, "name": name, "examples": len(pngs), "threshold": self.per_class[class_id]}
+
+    def remove(self, class_id: object) -> dict[str, Any]:
+        """Remove an enrolled class (404: no such class; 409: a trained class); the enrolled classes after it move
+        down one id."""
+        if isinstance(class_id, int) and not isinstance(class_id, bool) and not 0 <= class_id < self.num_classes:
+            raise BadInput(f"no class {class_id} (classes 0..{self.num_classes - 1})", 404)
+        class_id = self.check_class(class_id)
+        with self._write_lock:
+            if class_id < self.classifier.base_classes:
+                raise BadInput(f"class {class_id} ({self.class_names[class_id]!r}) was trained, not enrolled: only "
+                               "enrolled classes can be removed", 409)
+            name = self.class_names[class_id]
+            self.classifier.remove(class_id)
+            self._classes_changed()
+        return {"removed": class_id, "name": name}
+
+    def _classes_changed(self) -> None:
+        """Take the new classes; cached columns are of the old ids and go (searches in flight keep theirs)."""
+        self._take_classes()
+        self.cache = ScoreCache(self._cache_budget) if self._cache_budget > 0 else None
+        self.stream.class_names = self.class_names
+
     def query(self, class_id: int, png: bytes, threshold: float | None = None) -> dict[str, Any]:
         """The single logit of ``class_id`` for one image (one dot product on its embedding)."""
         class_id = self.check_class(class_id)
@@ -226,7 +273,8 @@ class Service:
         return [self.threshold - width, self.threshold + width]
 
     def classes(self) -> dict[str, Any]:
-        return {"classes": [{"id": i, "name": name, "threshold": self.per_class[i]}
+        base = self.classifier.base_classes
+        return {"classes": [{"id": i, "name": name, "threshold": self.per_class[i], "enrolled": i >= base}
                             for i, name in enumerate(self.class_names)],
                 "threshold": self.threshold, "score_range": self.score_range(), "total": len(self.index)}
 
