@@ -171,3 +171,69 @@ def test_page_shows_stored_then_live_matches(run_dir: Path, driver, tmp_path: Pa
         except subprocess.TimeoutExpired:
             proc.kill()
         proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_page_adds_a_class_from_selected_matches(run_dir: Path, driver, tmp_path: Path) -> None:
+    """Click matches, name them, "add as a new class": the class is enrolled (POST /classes) and searched at once;
+    the tiles shown are its items above the global threshold, as the enrolled classifier scores them."""
+    import shutil
+
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from logitsep.classifier import SingleLogitClassifier
+    from logitsep.core.images import encode_png
+    from logitsep.serve.service import dataset_images
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    images = dataset_images("mnist", "test", (784,))[:150]
+    proc, base = start_server(run, tmp_path / "index")
+    try:
+        body = {"images": [base64.b64encode(encode_png(img)).decode() for img in images]}
+        assert httpx.post(base + "/ingest", json=body, timeout=30).status_code == 200
+        driver.get(base + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "ready: choose a class")
+        Select(driver.find_element(By.ID, "class-select")).select_by_visible_text("3")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".match")) >= 5)
+        picked = []
+        for tile in driver.find_elements(By.CSS_SELECTOR, ".match")[:5]:
+            picked.append(int(tile.get_attribute("data-id")))
+            tile.click()
+        assert driver.find_element(By.ID, "selected-count").text == "5 selected"
+        assert not driver.find_element(By.ID, "add-class").is_enabled()  # no name yet
+        driver.find_element(By.ID, "new-name").send_keys("my threes")
+        driver.find_element(By.ID, "add-class").click()
+        def chosen(d) -> str:
+            status = d.find_element(By.ID, "status")
+            assert "error" not in status.get_attribute("class"), status.text
+            return Select(d.find_element(By.ID, "class-select")).first_selected_option.text
+
+        wait.until(lambda d: chosen(d) == "my threes (enrolled)")
+        clf = SingleLogitClassifier.from_run(run)
+        c = clf.class_names.index("my threes")
+        assert clf.enrolled.info[0]["examples"] == 5
+        with torch.no_grad():
+            scores = clf.score(torch.from_numpy(images.reshape(len(images), -1) / 256.0).float(), c).numpy()
+        t = clf.threshold_for(c)
+        expected = set(np.flatnonzero(scores >= t).tolist())
+        near = set(np.flatnonzero(np.abs(scores - t) < 1e-4).tolist())
+
+        def tile_ids() -> set[int]:
+            script = "return [...document.querySelectorAll('.match')].map((e) => Number(e.dataset.id));"
+            return set(driver.execute_script(script))
+
+        wait.until(lambda d: tile_ids() - near == expected - near)
+        assert set(picked) & expected  # the examples themselves score above the threshold, mostly
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        proc.stderr.close()

@@ -297,3 +297,54 @@ def test_demo_trains_once_feeds_the_test_set_and_cleans_up(tmp_path: Path) -> No
     assert code == 0, stderr
     assert "training the demo run" in stderr and "demo feed done: 60 images" in stderr
     assert not index.exists()  # the temporary index is removed at exit
+
+
+def test_enrollments_survive_kill_9_mid_request(run_dir: Path, images: np.ndarray, tmp_path: Path) -> None:
+    """Enrollments posted back to back while the server is killed with SIGKILL: after a restart the run loads, every
+    acknowledged class is there (at most the one in flight more), and enroll → search → restart → search agrees."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    server = Server(run, tmp_path / "index", "--token", TOKEN)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def enroll_forever() -> None:
+        i = 0
+        while not stop.is_set():
+            body = {"name": f"c{i}", "images": [base64.b64encode(encode_png(img)).decode() for img in images[i:i + 8]]}
+            try:
+                r = httpx.post(server.base + "/classes", json=body, headers=headers, timeout=30)
+            except httpx.HTTPError:
+                return
+            if r.status_code == 200:
+                acknowledged.append(body["name"])
+            i += 1
+
+    worker = threading.Thread(target=enroll_forever, daemon=True)
+    try:
+        worker.start()
+        assert wait_for(lambda: len(acknowledged) >= 3, timeout=60)
+        server.stop(signal.SIGKILL)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        server.stop()
+    names = SingleLogitClassifier.from_run(run).class_names[10:]  # loads: the file is whole
+    assert names[:len(acknowledged)] == acknowledged and len(names) <= len(acknowledged) + 1
+    again = Server(run, tmp_path / "index", "--token", TOKEN)
+    try:
+        again.ingest(images[:100])
+        body = {"name": "late", "images": [base64.b64encode(encode_png(img)).decode() for img in images[100:105]]}
+        c = httpx.post(again.base + "/classes", json=body, headers=headers, timeout=30).json()["id"]
+        before = again.get("/search", class_id=c, top_k=50)
+    finally:
+        again.stop(signal.SIGKILL)
+    third = Server(run, tmp_path / "index", "--token", TOKEN)
+    try:
+        assert third.get("/search", class_id=c, top_k=50)["items"] == before["items"]
+        assert third.get("/classes")["classes"][c]["name"] == "late"
+    finally:
+        third.stop()

@@ -3,7 +3,8 @@
 
 const MAX_SHOWN = 120;  // tiles kept on the page
 const $ = (id) => document.getElementById(id);
-const state = { classes: [], calibrated: 0, threshold: 0, source: null, live: 0, pending: null };
+const state = { classes: [], calibrated: 0, threshold: 0, source: null, live: 0, pending: null,
+                selected: new Set() };
 
 function setStatus(text, kind) {
   const el = $("status");
@@ -36,7 +37,48 @@ function tile(item, live) {
   const cap = document.createElement("figcaption");
   cap.textContent = "#" + item.id + " · " + fmt(item.score, 2);
   fig.append(img, cap);
+  if (state.selected.has(item.id)) fig.classList.add("selected");
+  fig.addEventListener("click", () => {
+    if (state.selected.has(item.id)) state.selected.delete(item.id); else state.selected.add(item.id);
+    fig.classList.toggle("selected");
+    updateEnroll();
+  });
   return fig;
+}
+
+function updateEnroll() {
+  const files = $("new-files").files.length;
+  $("selected-count").textContent = state.selected.size + " selected" + (files ? ", " + files + " files" : "");
+  $("add-class").disabled = !$("new-name").value.trim() || (state.selected.size + files) === 0;
+}
+
+async function base64Of(blob) {
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
+// The selected matches (their stored PNGs) and the chosen files become a new class; the page then searches it.
+async function addClass() {
+  const blobs = [];
+  for (const id of state.selected) blobs.push(await (await fetch("/items/" + id + ".png")).blob());
+  for (const file of $("new-files").files) blobs.push(file);
+  const images = await Promise.all(blobs.map(base64Of));
+  const headers = { "Content-Type": "application/json" };
+  if ($("token").value) headers.Authorization = "Bearer " + $("token").value;
+  const response = await fetch("/classes", { method: "POST", headers,
+                                             body: JSON.stringify({ name: $("new-name").value.trim(), images }) });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  state.selected.clear();
+  $("new-name").value = "";
+  $("new-files").value = "";
+  updateEnroll();
+  await loadClasses();
+  $("class-select").value = String(body.id);
+  setStatus("added class " + body.name + " (" + body.examples + " images)", "");
+  await show();
 }
 
 // The slider snaps to its steps; the threshold itself stays exact (the calibrated value until moved).
@@ -53,17 +95,23 @@ async function getJSON(url) {
   return body;
 }
 
-async function load() {
+async function loadClasses() {
   const info = await getJSON("/classes");
   state.classes = info.classes;
   state.calibrated = info.threshold;
   const select = $("class-select");
+  while (select.options.length > 1) select.remove(1);
   for (const c of info.classes) {
     const option = document.createElement("option");
     option.value = c.id;
-    option.textContent = c.name;
+    option.textContent = c.enrolled ? c.name + " (enrolled)" : c.name;
     select.append(option);
   }
+  return info;
+}
+
+async function load() {
+  const info = await loadClasses();
   const [lo, hi] = info.score_range;
   widen(lo, hi);
   setThreshold(info.threshold, true);
@@ -121,6 +169,9 @@ function refresh() {
 }
 
 $("class-select").addEventListener("change", refresh);
+$("new-name").addEventListener("input", updateEnroll);
+$("new-files").addEventListener("change", updateEnroll);
+$("add-class").addEventListener("click", () => addClass().catch((err) => setStatus(err.message, "error")));
 $("threshold").addEventListener("input", () => { setThreshold(Number($("threshold").value), false); refresh(); });
 $("reset-threshold").addEventListener("click", () => { setThreshold(state.calibrated, true); refresh(); });
 load().catch((err) => setStatus("cannot load classes: " + err.message, "error"));
