@@ -84,7 +84,9 @@ def test_known_classes_spec() -> None:
     assert len(a) == 5 and all(len(k) == 6 and k == sorted(set(k)) for k in a) and len({tuple(k) for k in a}) > 1
     assert a == known_classes("6", 10, 5, seed=0)  # seeded
     assert known_classes("1,3,c", 4, 2, class_names=["a", "b", "c", "d"]) == [[1, 2, 3]] * 2
+    assert known_classes("0-3,7", 10, 1) == [[0, 1, 2, 3, 7]] and known_classes("2-2", 10, 1) == [[2]]
     for bad, match in (("10", r"\[1, 9\]"), ("0", r"\[1, 9\]"), ("1,1", "distinct"), ("1,x", "neither"),
+                       ("3-1", "a <= b"), ("0-10", "a <= b"), ("0-2,1", "distinct"),
                        ("0,1,2,3,4,5,6,7,8,9", "distinct")):
         with pytest.raises(ValueError, match=match):
             known_classes(bad, 10, 2)

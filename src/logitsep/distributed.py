@@ -132,6 +132,16 @@ def batch_loss(loss_fn: nn.Module, logits: Tensor, target: Tensor) -> Tensor:
     return loss_fn(logits, target)
 
 
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce (mean) the gradients of a module trained outside DDP (meal_v2's discriminator)."""
+    if world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 def mean_over_ranks(x: Tensor) -> Tensor:
     """The element-wise mean of ``x`` over the ranks (``x`` itself when alone)."""
     if world_size() == 1:

@@ -36,6 +36,7 @@ from .core.files import check_versioned, invalid, read_json, write_json
 from .core.images import image_layout
 from .enrollment import Enrolled, extend_head, read_enrolled
 from .losses import LOSSES, SAMPLED_FORMS, loss_spec
+from .losses.distill import check_objective
 from .models import SLCModel, build_model, check_model_name
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -72,6 +73,13 @@ class TrainConfig:
     device: str = "cpu"
     sampled: int = 0  # >0: the loss's sampled form with this many candidate draws per step (losses.sampled)
     shard_head: bool = False  # under torchrun: the head's rows split over the processes (logitsep.sharded)
+    # distillation (logitsep distill; losses.distill): teacher run folders, the objective ("" = none), the weight
+    # of the hard-label loss, kd's temperature, and head_only: the first teacher's features frozen, only the head
+    teachers: list[str] = field(default_factory=list)
+    objective: str = ""
+    alpha: float = 1.0
+    temperature: float = 4.0
+    head_only: bool = False
 
     def validate(self) -> TrainConfig:
         if self.loss not in LOSSES:
@@ -98,7 +106,27 @@ class TrainConfig:
             with_form = ", ".join(sorted(SAMPLED_FORMS))
             raise ValueError(f"sampled={self.sampled}: loss {self.loss!r} has no sampled form (those with one: "
                              f"{with_form})")
+        self._validate_distill()
         return self
+
+    def _validate_distill(self) -> None:
+        if not isinstance(self.teachers, list) or not all(isinstance(t, str) and t for t in self.teachers):
+            raise TypeError(f"teachers must be a list of run folders, got {self.teachers!r}")
+        if self.objective:
+            check_objective(self.objective, self.temperature)
+        if not isinstance(self.head_only, bool):
+            raise TypeError(f"head_only must be a bool, got {type(self.head_only).__name__}")
+        if (self.objective or self.head_only) and not self.teachers:
+            raise ValueError("distillation (an objective or head_only) needs at least one teacher run")
+        if self.teachers and not (self.objective or self.head_only):
+            raise ValueError("teachers given without an objective or head_only: nothing would use them")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+                math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}")
+        if self.teachers and self.alpha == 0 and not self.objective:
+            raise ValueError("alpha=0 and no objective: the student would have no loss")
+        if self.teachers and (self.sampled or self.shard_head):
+            raise ValueError("distillation does not combine with sampled or shard_head training")
 
 
 @dataclass(frozen=True)

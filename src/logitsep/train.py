@@ -47,7 +47,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,26 @@ from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
 from .data import Splits, load_dataset
 from .losses import SampledLoss, get_loss, loss_spec, value_checks
+from .losses.distill import Discriminator, objective_loss
 from .metrics import all_logits_blocks, all_logits_scores, slc_metrics, slc_metrics_blocked
 from .models import SLCModel, build_model
 from .optim import RowSparseSGD
-from .runs import CHECKPOINT, LOG, METRICS, STATE, THRESHOLDS, WEIGHTS, TrainConfig, model_spec, write_spec
+from .runs import (
+    CHECKPOINT,
+    LOG,
+    METRICS,
+    STATE,
+    THRESHOLDS,
+    WEIGHTS,
+    TrainConfig,
+    load_run,
+    model_spec,
+    write_spec,
+)
 from .thresholds import calibrate_blocked, calibrate_scores
 
-__all__ = ["TrainConfig", "batch_indices", "evaluate_blocked", "evaluate_model", "learning_rate", "predict", "read_log",
-           "softmax_scale", "train"]
+__all__ = ["TrainConfig", "batch_indices", "distill", "evaluate_blocked", "evaluate_model", "learning_rate",
+           "predict", "read_log", "softmax_scale", "train"]
 
 LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
 RESUMABLE_CHANGES = ("steps", "device", "shard_head")  # config fields a resumed run may change
@@ -100,14 +112,65 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     """SGD with heavy-ball momentum and weight decay (see the module docstring); :class:`RowSparseSGD` (the same
-    rule, row by row on the head's sparse gradients) for sampled training."""
+    rule, row by row on the head's sparse gradients) for sampled training. ``extra``: a module trained alongside
+    (meal_v2's discriminator: one optimizer for both, as MEAL V2 does). Frozen parameters (``--head-only``'s
+    features) get no gradient, so SGD leaves them as they are."""
+    params = [*model.parameters(), *(extra.parameters() if extra is not None else [])]
     if config.sampled:
-        return RowSparseSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                            weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+        return RowSparseSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+def _load_teachers(config: TrainConfig, data: Splits, device: torch.device) -> list[tuple[nn.Module, float]]:
+    """The teacher runs (evaluation mode, no gradient) and the factor from their outputs to their logits;
+    ``ValueError`` for a teacher of other classes or inputs."""
+    out = []
+    for path in config.teachers:
+        run = load_run(path, device=device, enrolled=False)
+        if run.spec.num_classes != data.num_classes or tuple(run.spec.input_shape) != tuple(data.input_shape):
+            raise ValueError(f"teacher {path} was trained on {run.spec.num_classes} classes of inputs "
+                             f"{list(run.spec.input_shape)}; this data has {data.num_classes} of "
+                             f"{list(data.input_shape)}")
+        if list(run.spec.class_names) != list(data.class_names):
+            raise ValueError(f"teacher {path}'s classes are not this data's (names or order differ)")
+        for p in run.model.parameters():
+            p.requires_grad_(False)
+        out.append((run.model.eval(), softmax_scale(run.config)))
+    return out
+
+
+def _start_from_teacher(model: SLCModel, config: TrainConfig) -> None:
+    """``head_only``: the first teacher's weights (same architecture and head kind), the features frozen."""
+    teacher = load_run(config.teachers[0], enrolled=False)
+    if teacher.spec.architecture != config.model:
+        raise ValueError(f"head_only keeps the teacher's features: the student's model must be the teacher's "
+                         f"({teacher.spec.architecture!r}), got {config.model!r}")
+    try:
+        model.load_state_dict(teacher.model.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"head_only: the teacher's weights do not fit loss {config.loss!r}'s head "
+                         f"({loss_spec(config.loss).head}): {err}") from err
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+
+
+def _distill_loss(s: _Session, xb: Tensor, logits: Tensor, hard: Tensor | None) -> Tensor:
+    """The objective on the teachers' logits of ``xb`` (computed without gradient) plus ``alpha`` × the hard-label
+    loss. Logits, not a cosine head's cosines: outputs times their softmax scale."""
+    config = s.config
+    if not config.objective:
+        return hard
+    with torch.no_grad():
+        teacher_logits = [t(xb).float() * scale for t, scale in s.teachers]
+    student = logits * softmax_scale(config)
+    term = objective_loss(config.objective, student, teacher_logits, temperature=config.temperature,
+                          discriminator=s.disc)
+    return term if hard is None else term + config.alpha * hard
 
 
 @torch.no_grad()
@@ -175,9 +238,12 @@ def softmax_scale(config: TrainConfig) -> float:
 
 
 def _save_checkpoint(out: Path, model: nn.Module, opt_state: dict[str, Any], config: TrainConfig,
-                     step: int, window: list[float], elapsed: float, world_size: int) -> None:
+                     step: int, window: list[float], elapsed: float, world_size: int,
+                     disc: nn.Module | None = None) -> None:
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors = {f"model/{k}": v for k, v in weights.items()}
+    if disc is not None:  # meal_v2's discriminator: in the checkpoint only (the model files hold the student)
+        tensors.update({f"disc/{k}": v.detach().cpu().contiguous() for k, v in disc.state_dict().items()})
     tensors.update({f"optimizer/{pid}/{key}": value.detach().cpu().contiguous()
                     for pid, state in opt_state["state"].items() for key, value in state.items()
                     if isinstance(value, Tensor)})
@@ -192,7 +258,7 @@ def _save_checkpoint(out: Path, model: nn.Module, opt_state: dict[str, Any], con
 
 
 def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     config: TrainConfig) -> tuple[int, float, list[float]]:
+                     config: TrainConfig, disc: nn.Module | None = None) -> tuple[int, float, list[float]]:
     """Restore ``model``, ``optimizer`` and the RNG from ``out/checkpoint.safetensors``; return the step, the
     elapsed seconds and the open log window stored with it. Refuses a checkpoint of a different run."""
     path = None if out is None else out / CHECKPOINT
@@ -214,16 +280,20 @@ def _load_checkpoint(out: Path | None, model: nn.Module, optimizer: torch.optim.
     if changed:
         raise ValueError(f"--resume: {out} holds a different run: " + "; ".join(changed))
     state: dict[int, dict[str, Tensor]] = {}
-    weights = {}
+    weights, disc_weights = {}, {}
     for key, value in tensors.items():
         kind, _, name = key.partition("/")
         if kind == "model":
             weights[name] = value
+        elif kind == "disc":
+            disc_weights[name] = value
         elif kind == "optimizer":
             pid, _, buffer = name.partition("/")
             state.setdefault(int(pid), {})[buffer] = value
     try:
         model.load_state_dict(weights)
+        if disc is not None:
+            disc.load_state_dict(disc_weights)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"--resume: {path} does not fit the model of this config: {err}") from err
@@ -314,6 +384,8 @@ class _Session:
     elapsed_before: float = 0.0
     window: list[float] | None = None  # losses of the open log window
     head_shard: sharded.ShardedLinearHead | None = None  # this rank's rows of the head, under --shard-head
+    teachers: list[tuple[nn.Module, float]] = field(default_factory=list)  # (model, softmax scale), distillation
+    disc: nn.Module | None = None  # meal_v2's discriminator
 
     @property
     def writes(self) -> bool:
@@ -360,6 +432,28 @@ def train(config: TrainConfig, data: Splits | None = None, out: str | Path | Non
         ctx.close()
 
 
+def distill(teachers: list[str] | str, loss: str, objective: str = "", out: str | Path | None = None, *,
+            alpha: float = 1.0, temperature: float = 4.0, head_only: bool = False, dataset: str | None = None,
+            model: str | None = None, steps: int = 2000, lr: float = 0.1, batch_size: int = 128, seed: int = 0,
+            device: str = "cpu", schedule: str = "cosine", resume: bool = False, data: Splits | None = None,
+            progress: bool | None = None) -> tuple[SLCModel, dict[str, Any]]:
+    """A student trained from teacher runs (``logitsep distill``): ``objective`` (``kd``, ``meal_v2``,
+    ``logit_match`` or ``""``) plus ``alpha`` × ``loss`` on the hard labels; ``head_only`` keeps the first
+    teacher's features frozen and trains its head. Dataset and model default to the first teacher's. The run is a
+    :func:`train` run (its config records the teachers): resume, checkpoints and DDP as for ``train``."""
+    from .runs import read_state
+
+    teachers = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
+    if not teachers:
+        raise ValueError("distill needs at least one teacher run")
+    first, _ = read_state(teachers[0])
+    config = TrainConfig(dataset=dataset or first.dataset, model=model or first.model, loss=loss, steps=steps, lr=lr,
+                         batch_size=batch_size, seed=seed, device=device, schedule=schedule,
+                         teachers=[str(t) for t in teachers],
+                         objective=objective, alpha=alpha, temperature=temperature, head_only=head_only)
+    return train(config, data=data, out=out, resume=resume, progress=progress, eval_splits=("valid", "test"))
+
+
 def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ctx: distributed.Context) -> _Session:
     """The model, optimizer and loss of the run, restored from ``out``'s checkpoint when resuming; ``model.json``."""
     x, _ = data.split(config.train_split)
@@ -371,14 +465,22 @@ def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ct
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, head=loss_spec(config.loss).head,
                         scale=config.head_scale).to(ctx.device)
+    teachers = _load_teachers(config, data, ctx.device)
+    disc = None
+    if config.head_only:  # the first teacher's weights; its features frozen (no gradient, evaluation mode)
+        _start_from_teacher(model, config)
+    if config.objective == "meal_v2":
+        disc = Discriminator(data.num_classes).to(ctx.device)
     model = distributed.convert_batchnorm(model, ctx)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, extra=disc)
     loss_fn = SampledLoss(config.loss, config.sampled, **config.loss_kwargs) if config.sampled \
         else get_loss(config.loss, **config.loss_kwargs)
-    session = _Session(config, data, out, ctx, model, model, optimizer, loss_fn.to(ctx.device), window=[])
+    session = _Session(config, data, out, ctx, model, model, optimizer, loss_fn.to(ctx.device), window=[],
+                       teachers=teachers, disc=disc)
     if resume:
         session.resumed = True
-        session.start, session.elapsed_before, session.window = _load_checkpoint(out, model, optimizer, config)
+        session.start, session.elapsed_before, session.window = _load_checkpoint(out, model, optimizer, config,
+                                                                                 disc)
         if session.start > config.steps:
             raise ValueError(f"--resume: the checkpoint in {out} is at step {session.start}, beyond "
                              f"steps={config.steps}")
@@ -449,7 +551,7 @@ def _checkpoint(s: _Session, step: int, elapsed: float) -> None:
             raise FloatingPointError(f"the weights became non-finite in the {step} steps done; no checkpoint was "
                                      "written with them")
     if s.writes:
-        _save_checkpoint(s.out, s.model, opt_state, s.config, step, s.window, elapsed, s.ctx.world_size)
+        _save_checkpoint(s.out, s.model, opt_state, s.config, step, s.window, elapsed, s.ctx.world_size, s.disc)
 
 
 def _finite(module: nn.Module) -> bool:
@@ -472,6 +574,8 @@ def _loop(s: _Session, progress: bool | None, checkpoint_every: int, log_every: 
     pending: list[Tensor] = []  # losses of the steps since the last flush, still on the device
     last_loss: float | None = None
     s.net.train()
+    if s.config.head_only:
+        s.model.features.eval()  # frozen: batch-norm statistics stay the teacher's
     try:
         for step in range(s.start, config.steps):
             lr = learning_rate(config, step)
@@ -485,6 +589,8 @@ def _loop(s: _Session, progress: bool | None, checkpoint_every: int, log_every: 
             loss = _step_loss(s, xb, yb, step, lr, pending, check_values)
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if s.disc is not None and s.ctx.world_size > 1:  # DDP averages the student's gradients, not these
+                distributed.average_gradients(s.disc)
             s.optimizer.step()
             pending.append(loss.detach())
             bar.update(1)
@@ -531,7 +637,8 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
     logits = s.net(xb)
     try:
         with value_checks(check_values):
-            return distributed.batch_loss(s.loss_fn, logits, yb)
+            hard = distributed.batch_loss(s.loss_fn, logits, yb) if s.config.alpha > 0 or not s.teachers else None
+            return _distill_loss(s, xb, logits, hard) if s.teachers else hard
     except ValueError as err:  # the losses refuse non-finite logits: training diverged at this step
         if bool(torch.isfinite(logits).all()):
             raise
@@ -563,7 +670,7 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
     if s.out is not None:
         write_json(s.out / METRICS, result)
         _save_checkpoint(s.out, model, opt_state, config, config.steps, s.window,
-                         s.elapsed_before + seconds, s.ctx.world_size)
+                         s.elapsed_before + seconds, s.ctx.world_size, s.disc)
         _write_thresholds(s)
     return model, result
 

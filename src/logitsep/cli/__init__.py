@@ -9,6 +9,7 @@
     logitsep query RUN --class C --input FILE   one class's logit for images (.npy/.png): score, match
     logitsep enroll RUN --name N --input FILE|DIR   add a class from a few images
     logitsep classes RUN [--remove NAME]  the run's classes, trained and enrolled
+    logitsep distill --teacher RUN ... --loss L --objective O --out DIR   a student from existing classifiers
     logitsep reproduce table1|table2|alignment|openset|enroll --dataset D --out DIR
     logitsep summarize DIR... --out DIR  table2 over seeds: mean ± sd of several reproduce runs
     logitsep index RUN --out DIR         embed a dataset split with a run's model: an index for class search
@@ -31,6 +32,7 @@ from . import (
     calibrate,
     classes,
     demo,
+    distill,
     enroll,
     evaluate,
     index,
@@ -45,7 +47,7 @@ from . import (
 COMMANDS: dict[str, ModuleType] = {
     "losses": losses, "train": train, "evaluate": evaluate, "reproduce": reproduce, "summarize": summarize,
     "calibrate": calibrate, "query": query, "enroll": enroll, "classes": classes,
-    "index": index, "bench": bench, "demo": demo, "serve": serve,
+    "distill": distill, "index": index, "bench": bench, "demo": demo, "serve": serve,
 }
 
 

@@ -122,7 +122,8 @@ def openset_metrics(logits: np.ndarray, y: np.ndarray, threshold: float | None, 
 def known_classes(spec: str | int | Sequence[int], num_classes: int, splits: int, seed: int = 0,
                   class_names: Sequence[str] | None = None) -> list[list[int]]:
     """The known classes of each split: ``spec`` an integer ``K`` (``K`` classes drawn by a permutation seeded with
-    ``seed + split``, sorted), or a comma-separated list of class indices or names (the same in every split)."""
+    ``seed + split``, sorted), or a comma-separated list of class indices, ranges ``a-b`` (both included) or names
+    (the same in every split; a held-out block of classes: ``--known 0-2464``)."""
     names = list(class_names or [])
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit() and "," not in spec):
         k = int(spec)
@@ -133,7 +134,12 @@ def known_classes(spec: str | int | Sequence[int], num_classes: int, splits: int
     chosen = []
     for item in items:
         item = str(item).strip()
-        if item in names:
+        lo, dash, hi = item.partition("-")
+        if dash and lo.isdigit() and hi.isdigit() and item not in names:  # a range a-b of indices, both included
+            if not int(lo) <= int(hi) < num_classes:
+                raise ValueError(f"--known: range {item!r} must be a-b with a <= b <= {num_classes - 1}")
+            chosen.extend(range(int(lo), int(hi) + 1))
+        elif item in names:
             chosen.append(names.index(item))
         elif item.lstrip("-").isdigit() and 0 <= int(item) < num_classes:
             chosen.append(int(item))
