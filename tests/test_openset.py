@@ -110,10 +110,12 @@ def test_reproduce_openset_and_enroll_end_to_end(tmp_path: Path, capsys) -> None
     assert rows["batch_ce"]["pols_aligned"] is True and (out / "openset.png").stat().st_size > 1000
     assert "Command:" in (out / "openset.md").read_text()
     out2 = tmp_path / "en"
-    assert main(["reproduce", "enroll", "--dataset", "digits", "--known", "0,1,2,3,4,5", "--shots", "1,5",
+    assert main(["reproduce", "enroll", "--dataset", "digits", "--known", "0-5", "--shots", "1,5,all",
                  "--draws", "2", "--steps", "60", "--out", str(out2), "--json"]) == 0
     doc = json.loads((out2 / "enroll.json").read_text())
-    assert [(r["rule"], r["shots"]) for r in doc["rows"]] == [("imprint", 1), ("imprint", 5), ("fit", 1), ("fit", 5)]
+    assert [(r["rule"], r["shots"]) for r in doc["rows"]] == [("imprint", 1), ("imprint", 5), ("imprint", "all"),
+                                                              ("fit", 1), ("fit", 5), ("fit", "all")]
+    assert doc["rows"][2]["draws"] == 1 and doc["rows"][2]["auprc_sd"] is None
     assert doc["settings"]["enrolled"] == [6, 7, 8, 9]
     # the trained classes' rows are untouched: their per-class AUPRC is the same in every row
     assert len({round(r["old_auprc"], 12) for r in doc["rows"]}) == 1

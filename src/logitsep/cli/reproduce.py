@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--known", help="known classes: a number K (drawn per split) or a comma list of indices or names "
                                    "(openset and enroll: required)")
     g.add_argument("--splits", type=int, default=5, help="openset: seeded splits (default 5)")
-    g.add_argument("--shots", default="1,5,10,20", help="enroll: examples per enrolled class (default 1,5,10,20)")
+    g.add_argument("--shots", default="1,5,10,20,all",
+                   help="enroll: examples per enrolled class; 'all': every training example, the features' ceiling "
+                        "(default 1,5,10,20,all)")
     g.add_argument("--draws", type=int, default=10, help="enroll: seeded draws per number of examples (default 10)")
     g.add_argument("--rules", default="imprint,fit", help="enroll: enrollment rules to compare (default imprint,fit)")
     p.add_argument("--out", required=True)
@@ -119,11 +121,11 @@ def _run_unseen(args: argparse.Namespace) -> int:
         if len(losses) != 1:
             args.parser.error("reproduce enroll takes one loss (--losses L)")
         try:
-            shots = [int(x) for x in args.shots.split(",") if x.strip()]
+            shots = [0 if x.strip() == "all" else int(x) for x in args.shots.split(",") if x.strip()]
         except ValueError:
             shots = []
-        if not shots or any(s < 1 for s in shots):
-            args.parser.error(f"--shots must be positive integers, got {args.shots}")
+        if not shots or any(s < 0 for s in shots) or shots.count(0) > 1:
+            args.parser.error(f"--shots must be positive integers or 'all', got {args.shots}")
         rules = [r.strip() for r in args.rules.split(",") if r.strip()]
         rows, paths = enrollment_study(args.out, dataset_of(args), args.known, shots, args.draws, losses[0], rules,
                                        **common)

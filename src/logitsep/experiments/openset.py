@@ -21,7 +21,8 @@ rows have no global threshold) beside ``ce``'s maximum logit (Vaze et al., ICLR 
 anchors are printed beside (:data:`ANCHORS`).
 
 **Enrollment** (``reproduce enroll``): train on the known classes of one split; enroll each unknown class from
-``n`` examples of its training data (``draws`` seeded draws per ``n``), by each rule; score the whole test set
+``n`` examples of its training data (``draws`` seeded draws per ``n``; ``n = 0``, "all": every training example
+of the class, once: the best a row can do on these frozen features), by each rule; score the whole test set
 with all ``k`` rows (trained + enrolled, columns in the dataset's class order) and report the enrolled classes'
 AUPRC and precision@0.9 of their single logit, the pooled AUROC over all classes, and the trained classes'
 metrics (their rows are untouched, so only the pooled figures can move). Reference: the same loss trained on all
@@ -331,10 +332,12 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
     for rule in rules:
         for n in shots:
             results = []
-            for draw in range(draws):
+            n_draws = draws if n else 1  # n = 0: every training example of the class (the features' ceiling)
+            for draw in range(n_draws):
                 rng = np.random.default_rng(seed * 7919 + 1000 * n + draw)
                 for c in new:
-                    pick = np.sort(rng.choice(np.flatnonzero(train_y == c), size=n, replace=False))
+                    pool = np.flatnonzero(train_y == c)
+                    pick = np.sort(rng.choice(pool, size=n, replace=False)) if n else pool
                     with torch.no_grad():
                         h = trained.embed(torch.as_tensor(np.asarray(train_x[torch.as_tensor(pick)]))).float()
                     w, b = new_row(rule, trained.head, h, neg, threshold)
@@ -350,12 +353,12 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
                                                                        for c in new])),
                                 "new_fp_at_global": float(np.mean([np.mean(scores[test_y != c, c] >= threshold)
                                                                    for c in new]))})
-            row = {"rule": rule, "shots": n, "draws": draws}
+            row = {"rule": rule, "shots": n or "all", "draws": n_draws}
             for key in results[0]:
                 vals = [r[key] for r in results]
-                row[key], row[f"{key}_sd"] = float(np.mean(vals)), float(np.std(vals, ddof=1)) if draws > 1 else None
+                row[key], row[f"{key}_sd"] = float(np.mean(vals)), float(np.std(vals, ddof=1)) if n_draws > 1 else None
             rows.append(row)
-            log(f"  {rule:>8} n={n:<3} new AUPRC {row['auprc']:.4f}  P@0.9 {row['precision@0.9']:.4f}  pooled AUROC "
+            log(f"  {rule:>8} n={n or 'all':<3} new AUPRC {row['auprc']:.4f}  P@0.9 {row['precision@0.9']:.4f}  pooled AUROC "
                 f"{row['pooled_auroc']:.4f}")
     settings = {"dataset": dataset, "known": ks, "enrolled": new, "loss": loss, "shots": list(shots), "draws": draws,
                 "steps": steps, "lr": lr, "model": model, "batch_size": batch_size, "seed": seed,
@@ -389,8 +392,11 @@ def _write_enroll(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     def rel(v: float, r: float) -> str:
         return f"{(1 - v) / (1 - r):.2f}×" if r < 1 else "–"
 
-    table = [[r["rule"], r["shots"], f"{1 - r['auprc']:.4f} ± {r['auprc_sd']:.4f}",
-              f"{1 - r['precision@0.9']:.4f} ± {r['precision@0.9_sd']:.4f}", rel(r["precision@0.9"],
+    def pm(r: dict[str, Any], key: str) -> str:
+        sd = r[f"{key}_sd"]
+        return f"{1 - r[key]:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+    table = [[r["rule"], r["shots"], pm(r, "auprc"), pm(r, "precision@0.9"), rel(r["precision@0.9"],
                                                                               ref["precision@0.9"]),
               f"{1 - r['pooled_auroc']:.4f}", f"{r['new_recall_at_global']:.3f}", f"{r['new_fp_at_global']:.4f}",
               f"{1 - r['old_auprc']:.4f}"] for r in rows]
@@ -414,10 +420,13 @@ def _write_enroll(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("auprc", "precision@0.9"), strict=True):
         for rule in dict.fromkeys(r["rule"] for r in rows):
-            rr = [r for r in rows if r["rule"] == rule]
+            rr = [r for r in rows if r["rule"] == rule and r["shots"] != "all"]
             ax.errorbar([r["shots"] for r in rr], [1 - r[key] for r in rr], yerr=[r[f"{key}_sd"] or 0 for r in rr],
                         marker="o", capsize=3, label=rule)
         ax.axhline(1 - ref[key], color="k", linestyle="--", label="trained with all data")
+        for r in rows:
+            if r["shots"] == "all" and r["rule"] == "fit":
+                ax.axhline(1 - r[key], color="grey", linestyle=":", label="fit on every example (frozen features)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("examples per enrolled class")
