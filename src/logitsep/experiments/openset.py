@@ -358,8 +358,8 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
                 vals = [r[key] for r in results]
                 row[key], row[f"{key}_sd"] = float(np.mean(vals)), float(np.std(vals, ddof=1)) if n_draws > 1 else None
             rows.append(row)
-            log(f"  {rule:>8} n={n or 'all':<3} new AUPRC {row['auprc']:.4f}  P@0.9 {row['precision@0.9']:.4f}  pooled AUROC "
-                f"{row['pooled_auroc']:.4f}")
+            log(f"  {rule:>8} n={n or 'all':<3} new AUPRC {row['auprc']:.4f}  P@0.9 {row['precision@0.9']:.4f}  "
+                f"pooled AUROC {row['pooled_auroc']:.4f}")
     settings = {"dataset": dataset, "known": ks, "enrolled": new, "loss": loss, "shots": list(shots), "draws": draws,
                 "steps": steps, "lr": lr, "model": model, "batch_size": batch_size, "seed": seed,
                 "global_threshold": threshold}
