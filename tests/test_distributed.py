@@ -146,3 +146,22 @@ def test_global_batchnorm_alone_is_batchnorm_and_keeps_the_checkpoint_keys():
     single = Context(rank=0, world_size=1, device=torch.device("cpu"))
     plain = nn.Sequential(nn.BatchNorm1d(3))
     assert isinstance(convert_batchnorm(plain, single)[0], nn.BatchNorm1d)  # one process: untouched
+
+
+def test_meal_v2_with_two_processes_equals_one(digits, tmp_path):
+    """Distillation under DDP: the student through DDP, meal_v2's discriminator outside it with its gradients
+    averaged by hand (distributed.average_gradients); both end as in one process on the whole batch."""
+    teacher = tmp_path / "teacher"
+    train(TrainConfig(dataset="digits", model="mlp", loss="ce", steps=20, lr=0.1, batch_size=32, seed=1), data=digits,
+          out=teacher, progress=False, eval_splits=())
+    config = TrainConfig(dataset="digits", model="mlp", loss="batch_ce", steps=6, lr=0.05, batch_size=32, seed=3,
+                         teachers=[str(teacher)], objective="meal_v2", alpha=0.5)
+    mp.spawn(_worker, args=(2, _free_port(), [(config, str(tmp_path / "two"))], digits), nprocs=2, join=True)
+    train(config, data=digits, out=tmp_path / "one", progress=False, eval_splits=("test",), log_every=2,
+          checkpoint_every=4)
+    _assert_same_weights(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors")
+    a, b = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in ("one", "two"))
+    disc = [k for k in a if k.startswith("disc/")]
+    assert disc
+    for key in disc:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)

@@ -207,7 +207,7 @@ def reproduce_openset(out: str | Path, dataset: str, known: str | int, splits: i
     for i, ks in enumerate(known_sets):
         sub, test_y = _subset(data, ks)
         test_x = data.test_x
-        log(f"split {i}: known {ks}")
+        log(f"split {i}: known {ks if len(ks) <= 20 else f'{len(ks)} classes ({ks[0]}..{ks[-1]})'}")
         for loss in losses:
             trained, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed + i, progress)
             z = _logits(trained, test_x)
