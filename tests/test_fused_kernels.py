@@ -4,6 +4,7 @@ threads, and the losses equal to their eager path; a failed build falls back wit
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -39,8 +40,10 @@ def eager(monkeypatch):
 def test_kernel_builds_once_into_the_cache_and_loads(fresh_state) -> None:
     lib = _fused.library()
     assert lib is not None
-    built = sorted((fresh_state / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left beside it
+    files = sorted((fresh_state / "kernels").iterdir())
+    built = [f for f in files if f.suffix == ".so"]
+    assert [f.suffix for f in files] == [".sha256", ".so"]  # the library, its recorded hash; no temporary file
+    assert built[0].with_suffix(".sha256").read_text().strip() == hashlib.sha256(built[0].read_bytes()).hexdigest()
     stamp = built[0].stat().st_mtime_ns
     assert _fused._build(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) == built[0]
     assert built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
@@ -195,3 +198,65 @@ def test_an_unwritable_cache_falls_back_to_the_temp_directory(monkeypatch, tmp_p
     monkeypatch.setattr(_fused.tempfile, "gettempdir", lambda: str(tmp_path))
     assert _fused.library() is not None
     assert len(list(tmp_path.glob("logitsep-kernels-*/softplus-*.so"))) == 1
+
+
+# ------------------------------------------------------------------ the kernel cache is never a way in (issue 20 #1)
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+@needs_kernel
+def test_a_planted_library_in_a_foreign_temp_folder_is_refused(monkeypatch, tmp_path) -> None:
+    """The fallback folder in the temporary directory exists already, made by someone else (here: writable by
+    all), with a library under the expected name: nothing is loaded from it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(_fused, "_STATE", {})
+    monkeypatch.setenv("LOGITSEP_CACHE", str(blocker))
+    monkeypatch.setattr(_fused.tempfile, "gettempdir", lambda: str(tmp_path))
+    planted = tmp_path / f"logitsep-kernels-{os.getuid()}"
+    planted.mkdir()
+    os.chmod(planted, 0o777)
+    loaded = []
+    monkeypatch.setattr(_fused.ctypes, "CDLL", lambda path: loaded.append(path))
+    with pytest.warns(RuntimeWarning, match="writable by other users"):
+        assert _fused.library() is None
+    assert loaded == []
+
+
+@needs_kernel
+def test_a_folder_of_another_user_is_refused(fresh_state, monkeypatch) -> None:
+    (fresh_state / "kernels").mkdir(mode=0o700)
+    real = os.getuid()
+    monkeypatch.setattr(_fused.os, "getuid", lambda: real + 1)
+    with pytest.raises(_fused.UnsafeCache, match="belongs to user"):
+        _fused._build(_compiler())
+
+
+@needs_kernel
+def test_a_symlinked_folder_or_library_is_refused(fresh_state, tmp_path_factory) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.chmod(elsewhere, 0o700)
+    (fresh_state / "kernels").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(_fused.UnsafeCache, match="symlink"):
+        _fused._build(_compiler())
+    (fresh_state / "kernels").unlink()
+    target = _fused._build(_compiler())
+    target.unlink()
+    (elsewhere / "evil.so").write_bytes(b"planted")
+    target.symlink_to(elsewhere / "evil.so")
+    with pytest.raises(_fused.UnsafeCache, match="symlink"):
+        _fused._build(_compiler())
+
+
+@needs_kernel
+def test_a_library_that_fails_its_recorded_hash_is_rebuilt_not_loaded(fresh_state) -> None:
+    target = _fused._build(_compiler())
+    good = target.read_bytes()
+    target.write_bytes(b"planted library")  # same owner, same folder: replaced content
+    assert not _fused._trusted(target)
+    assert _fused._build(_compiler()) == target and target.read_bytes() == good
+    target.with_suffix(".sha256").unlink()  # no record: rebuilt as well
+    assert _fused._build(_compiler()) == target and target.with_suffix(".sha256").is_file()

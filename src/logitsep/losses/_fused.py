@@ -8,10 +8,13 @@ vector ``expf`` and a branch-free series for ``log1p`` on ``[0, 1]`` (127 µs); 
 is one pass as well.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``), for this CPU
-(``-march=native``), into ``$LOGITSEP_CACHE`` (default ``~/.cache/logitsep``)``/kernels`` (the temporary directory
-where that cannot be created), under a name that hashes
-the source, the flags, the compiler and the CPU's model and flags, and written to a temporary file renamed into
-place; then loaded with :mod:`ctypes` and checked once against torch on a sample. Everything else (another
+(``-march=native``), into ``$LOGITSEP_CACHE`` (default ``~/.cache/logitsep``)``/kernels`` (this user's folder in
+the temporary directory where that cannot be created), under a name that hashes the source, the flags, the
+compiler and the CPU's model and flags, and written to a temporary file renamed into place, its SHA-256 recorded
+beside it; then loaded with :mod:`ctypes` and checked once against torch on a sample. A library is loaded only
+from a folder this user owns and no one else can write, only if it is a plain file of this user's (``lstat``: no
+symlinks) whose SHA-256 is the recorded one: anything else is refused (a planted library would run as this user).
+Everything else (another
 platform, no compiler, a failed build or check, ``LOGITSEP_FUSED_KERNELS=0``, float64, a GPU) uses the eager path,
 which gives the same values to float32 rounding. Rows are split over ``torch.get_num_threads()`` threads (ctypes
 releases the GIL).
@@ -24,6 +27,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -62,32 +66,81 @@ def _cpu_signature() -> bytes:
         return platform.processor().encode()
 
 
+class UnsafeCache(OSError):
+    """A kernel folder or file that another user could have written: it is never loaded."""
+
+
+def _check_private(path: Path, kind: str) -> None:
+    """``path`` (``lstat``: a symlink is refused, not followed) is a ``kind`` ("dir" or "file") owned by this user
+    and writable by no one else; :class:`UnsafeCache` otherwise."""
+    st = os.lstat(path)
+    is_kind = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
+    if not is_kind:
+        raise UnsafeCache(f"{path} is not a plain {'folder' if kind == 'dir' else 'file'} (a symlink?)")
+    if st.st_uid != os.getuid():
+        raise UnsafeCache(f"{path} belongs to user {st.st_uid}, not to this user ({os.getuid()})")
+    if st.st_mode & 0o022:
+        raise UnsafeCache(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _trusted(target: Path) -> bool:
+    """Whether a built ``target`` may be loaded: a private plain file whose SHA-256 is the one recorded beside it
+    when it was built (``.sha256``, private as well). A file that fails the hash is rebuilt over."""
+    record = target.with_suffix(".sha256")
+    if not os.path.lexists(target) or not os.path.lexists(record):
+        return False
+    _check_private(target, "file")
+    _check_private(record, "file")
+    return record.read_text().strip() == _digest(target)
+
+
+def _folder() -> Path:
+    """The kernel folder, made private if new: ``cache_dir()``, or this user's folder in the temporary directory
+    where that cannot be created. An existing folder must be private (:func:`_check_private`): in a shared
+    temporary directory another user could have made ``logitsep-kernels-<uid>`` first."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:  # a read-only home (some CI runners, containers)
+        folder = Path(tempfile.gettempdir()) / f"logitsep-kernels-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+    _check_private(folder, "dir")
+    return folder
+
+
 def _build(compiler: str) -> Path:
-    """Compile the kernel (or find it built) and return the shared library's path."""
+    """Compile the kernel (or find it built and trusted) and return the shared library's path. Only files this
+    user owns in a folder only this user can write, with the SHA-256 recorded at build time, are ever loaded
+    (:class:`UnsafeCache` otherwise)."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS + _LIBS).encode(), compiler.encode(),
                                      _cpu_signature()])).hexdigest()[:20]
-    folder = cache_dir()
+    folder = _folder()
     target = folder / f"softplus-{key}.so"
-    if target.exists():
+    if _trusted(target):
         return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home (some CI runners, containers): this user's folder in the temp directory
-        folder = Path(tempfile.gettempdir()) / f"logitsep-kernels-{os.getuid()}"
-        target = folder / target.name
-        if target.exists():
-            return target
-        folder.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".softplus-", suffix=".so")
     os.close(fd)
     try:
         subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True,
                        timeout=120)
-        os.replace(tmp, target)  # a concurrent build of the same key writes the same file: either wins
+        os.chmod(tmp, 0o700)
+        digest = _digest(Path(tmp))
+        record_fd, record_tmp = tempfile.mkstemp(dir=folder, prefix=".softplus-", suffix=".sha256")
+        with os.fdopen(record_fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(record_tmp, target.with_suffix(".sha256"))
+        os.replace(tmp, target)  # a concurrent build of the same key writes the same bytes: either wins
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, locals().get("record_tmp")):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+    if not _trusted(target):  # another process replaced one of the two between our renames
+        raise UnsafeCache(f"{target} does not match its recorded SHA-256 after the build")
     return target
 
 
