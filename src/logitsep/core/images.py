@@ -46,6 +46,9 @@ def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, c
 
     if formats == ("PNG",) and not data.startswith(PNG_SIGNATURE):
         raise InvalidImage(f"{where}: not a readable PNG image: not a PNG image, its PNG signature is missing")
+    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
+        # Pillow opens a 16-bit colour PNG as 8-bit "RGB", silently dropping the low bytes: its IHDR tells
+        raise UnsupportedImage(f"{where}: unsupported 16-bit PNG (8-bit grayscale or RGB expected)")
     kind = "/".join(formats)
     try:
         with Image.open(io.BytesIO(data), formats=list(formats)) as img:

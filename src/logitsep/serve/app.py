@@ -98,7 +98,8 @@ class SearchResult(BaseModel):
 class QueryRequest(BaseModel):
     class_id: int = Field(strict=True, description="the class to score")
     image: str = Field(description="base64 PNG of the model's image size")
-    threshold: float | None = Field(None, allow_inf_nan=False, description="default: the global threshold")
+    threshold: float | None = Field(None, strict=True, allow_inf_nan=False,
+                                    description="default: the global threshold (a number; true/false are refused)")
 
 
 class QueryResult(BaseModel):
@@ -137,6 +138,17 @@ class Guard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "HEAD":  # HEAD is GET without the body (RFC 9110): the routes declare GET only
+            scope = {**scope, "method": "GET"}
+            inner, ended = send, False
+
+            async def send(message: dict) -> None:  # headers as for GET, then an empty body, once (a stream too)
+                nonlocal ended
+                if message["type"] == "http.response.body":
+                    if ended:
+                        return
+                    ended, message = True, {"type": "http.response.body", "body": b"", "more_body": False}
+                await inner(message)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = JSONResponse({"error": f"request body too large: {length.decode(errors='replace')} bytes, "

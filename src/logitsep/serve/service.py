@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..classifier import SingleLogitClassifier
-from ..core.files import atomic_write
+from ..core.files import atomic_write, fsync_dir
 from ..core.images import encode_png, image_layout, inputs_from_images, pixels_from_inputs
 from ..enrollment import check_name
 from ..search import EmbeddingIndex
@@ -185,6 +185,7 @@ class Service:
             start = len(self.index)
             for i, data in enumerate(encoded):  # the images first: a failure leaves no row without its image
                 atomic_write(self.images / f"{start + i}.png", lambda tmp, data=data: Path(tmp).write_bytes(data))
+            fsync_dir(self.images)  # the renames themselves durable before the index commits the rows
             total = int(self.index.append(vectors))
             self.ingested += len(encoded)
             if on_commit is not None:
