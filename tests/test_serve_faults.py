@@ -79,3 +79,18 @@ def test_ingested_images_folder_is_fsynced_before_the_index_commits(run_dir: Pat
         service.close()
     assert events == ["fsync images", "append"]
     assert sorted(os.listdir(tmp_path / "index" / "images")) == ["0.png", "1.png", "2.png"]
+
+
+def test_schema_declares_the_bearer_only_with_a_token_and_non_empty_images(run_dir: Path, tmp_path: Path) -> None:
+    for token, secured in ((None, False), ("s3cret", True)):
+        with make_client(run_dir, tmp_path / f"index-{secured}", token=token) as c:
+            schema = c.get("/openapi.json").json()
+            for path, method in (("/ingest", "post"), ("/classes", "post"), ("/classes/{class_id}", "delete")):
+                assert bool(schema["paths"][path][method].get("security")) == secured, (path, token)
+            assert ("HTTPBearer" in schema.get("components", {}).get("securitySchemes", {})) == secured
+            items = schema["components"]["schemas"]["IngestRequest"]["properties"]["images"]["items"]
+            assert items["minLength"] == 1
+            assert schema["components"]["schemas"]["QueryRequest"]["properties"]["image"]["minLength"] == 1
+            if token is None:
+                assert c.post("/ingest", json={"images": [""]}).status_code == 422
+            c.app.state.service.close()

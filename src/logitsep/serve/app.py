@@ -51,7 +51,8 @@ class ClassInfo(BaseModel):
 
 class EnrollRequest(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_NAME, description="the new class's name (not in use, not a number)")
-    images: list[str] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs of the new class")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_IMAGES,
+                                                              description="base64 PNGs of the new class")
 
 
 class EnrollResult(BaseModel):
@@ -97,7 +98,7 @@ class SearchResult(BaseModel):
 
 class QueryRequest(BaseModel):
     class_id: int = Field(strict=True, description="the class to score")
-    image: str = Field(description="base64 PNG of the model's image size")
+    image: str = Field(min_length=1, description="base64 PNG of the model's image size")
     threshold: float | None = Field(None, strict=True, allow_inf_nan=False,
                                     description="default: the global threshold (a number; true/false are refused)")
 
@@ -111,7 +112,8 @@ class QueryResult(BaseModel):
 
 
 class IngestRequest(BaseModel):
-    images: list[str] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_IMAGES,
+                                                              description="base64 PNGs")
 
 
 class IngestResult(BaseModel):
@@ -184,7 +186,9 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str]:
             status = 400
             parts.append(f"body: malformed JSON ({e.get('ctx', {}).get('error', 'cannot parse')})")
             continue
-        where = ".".join(loc[1:]) or (loc[0] if loc else "request")
+        raw = list(e.get("loc", ()))[1:]  # a list index as [i]: images[3], as the service's own errors say
+        where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(raw))
+        where = where or (loc[0] if loc else "request")
         source = f" ({loc[0]})" if loc and loc[0] in ("query", "path") else ""
         parts.append(f"{where}{source}: {e.get('msg', 'invalid')}")
     return status, "; ".join(parts) or "invalid request"
@@ -233,13 +237,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
-def _authorizer(token: str | None) -> Callable[..., None]:
-    """The dependency that checks ``Authorization: Bearer <token>`` (nothing when the server has no token)."""
-    bearer = HTTPBearer(auto_error=False, description="required on /ingest when the server runs with --token")
+def _authorizer(token: str | None) -> Callable[..., None] | None:
+    """The dependency that checks ``Authorization: Bearer <token>``; None when the server has no token."""
+    if token is None:
+        return None
+    bearer = HTTPBearer(auto_error=False, description="required on /ingest and on changes to /classes")
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if token is None:
-            return
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -284,23 +288,25 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
         return service.query(body.class_id, png, body.threshold)
 
 
-def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None]) -> None:
-    """``/ingest``, ``POST /classes``, ``DELETE /classes/{id}`` (bearer token when the server has one)."""
+def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None] | None) -> None:
+    """``/ingest``, ``POST /classes``, ``DELETE /classes/{id}`` (bearer token when the server has one; without
+    one the schema declares no ``Authorization`` header: a client built from it sends none)."""
+    guard = [Depends(authorize)] if authorize is not None else []
 
-    @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=[Depends(authorize)])
+    @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=guard)
     async def ingest(body: IngestRequest) -> Any:
         """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
         return await service.ingest_async(pngs)
 
-    @app.post("/classes", response_model=EnrollResult, responses=ERRORS, dependencies=[Depends(authorize)])
+    @app.post("/classes", response_model=EnrollResult, responses=ERRORS, dependencies=guard)
     async def enroll(body: EnrollRequest) -> Any:
         """Add a class from a few images (all or nothing; persisted in the run folder before it answers): its row
         is placed against the global threshold, which becomes its threshold. 409: the name is in use."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
         return await run_in_threadpool(service.enroll, body.name, pngs)
 
-    @app.delete("/classes/{class_id}", response_model=Removed, responses=ERRORS, dependencies=[Depends(authorize)])
+    @app.delete("/classes/{class_id}", response_model=Removed, responses=ERRORS, dependencies=guard)
     async def remove(class_id: int) -> Any:
         """Remove an enrolled class (409 for a trained one); the enrolled classes after it move down one id."""
         return await run_in_threadpool(service.remove, class_id)
