@@ -199,7 +199,7 @@ def test_page_adds_a_class_from_selected_matches(run_dir: Path, driver, tmp_path
         body = {"images": [base64.b64encode(encode_png(img)).decode() for img in images]}
         assert httpx.post(base + "/ingest", json=body, timeout=30).status_code == 200
         driver.get(base + "/")
-        wait = WebDriverWait(driver, 30)
+        wait = WebDriverWait(driver, 120)  # the first enrollment loads the dataset and embeds 4,096 negatives
         wait.until(lambda d: d.find_element(By.ID, "status").text == "ready: choose a class")
         Select(driver.find_element(By.ID, "class-select")).select_by_visible_text("3")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".match")) >= 5)

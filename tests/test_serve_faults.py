@@ -14,7 +14,7 @@ from PIL import Image
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient  # noqa: F401
+    from fastapi.testclient import TestClient
 
 from logitsep.core.images import UnsupportedImage, decode_png  # noqa: E402
 from logitsep.serve import service as service_module  # noqa: E402
@@ -94,3 +94,79 @@ def test_schema_declares_the_bearer_only_with_a_token_and_non_empty_images(run_d
             if token is None:
                 assert c.post("/ingest", json={"images": [""]}).status_code == 422
             c.app.state.service.close()
+
+
+def png_with_chunks(image: np.ndarray, chunks: int) -> bytes:
+    """A valid PNG of ``image`` with ``chunks`` empty ancillary (tEXt) chunks before its IEND."""
+    import struct
+    import zlib
+
+    from logitsep.core.images import encode_png
+
+    data = encode_png(image)
+    iend = data.rindex(b"IEND") - 4
+    empty = struct.pack(">I", 0) + b"tEXt" + struct.pack(">I", zlib.crc32(b"tEXt") & 0xFFFFFFFF)
+    return data[:iend] + empty * chunks + data[iend:]
+
+
+def test_a_png_of_many_chunks_is_refused_before_decoding(run_dir: Path, images: np.ndarray, tmp_path: Path) -> None:
+    from logitsep.core.images import MAX_PNG_CHUNKS
+
+    assert decode_png(png_with_chunks(images[0], 10), "image").shape == (8, 8)  # a few are fine
+    bomb = png_with_chunks(images[0], 50_000)
+    with pytest.raises(UnsupportedImage, match=f"more than {MAX_PNG_CHUNKS} chunks"):
+        decode_png(bomb, "image")
+    with make_client(run_dir, tmp_path / "index") as c:
+        r = c.post("/query", json={"class_id": 1, "image": b64(bomb)})
+        assert r.status_code == 422 and "chunks" in r.json()["error"]
+        c.app.state.service.close()
+
+
+def test_a_full_disk_is_a_507_json_answer_and_adds_nothing(run_dir: Path, images: np.ndarray, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    import errno
+
+    with make_client(run_dir, tmp_path / "index") as c:
+        service = c.app.state.service
+        assert c.post("/ingest", json={"images": pngs(images[:2])}).status_code == 200
+
+        def full(vectors):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(service.index, "append", full)
+        r = c.post("/ingest", json={"images": pngs(images[2:5])})
+        assert r.status_code == 507 and "insufficient storage" in r.json()["error"]
+        monkeypatch.undo()
+        assert c.get("/stats").json()["items"] == 2
+        assert c.post("/ingest", json={"images": pngs(images[2:3])}).json()["ids"] == [2]
+        service.close()
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(run_dir: Path, tmp_path: Path) -> None:
+    from logitsep.serve.server import build
+
+    app = build(run_dir, tmp_path / "index", host="127.0.0.1")
+    with TestClient(app) as c:
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST"):
+            assert c.get("/health", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+            r = c.get("/classes", headers={"host": host})
+            assert r.status_code == 400 and "not served here" in r.json()["error"], host
+    app.state.service.close()
+    open_app = build(run_dir, tmp_path / "index2", host="0.0.0.0")  # bound beyond this machine: any name
+    with TestClient(open_app) as c:
+        assert c.get("/health", headers={"host": "server.example"}).status_code == 200
+    open_app.state.service.close()
+
+
+def test_token_on_the_command_line_warns(run_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from logitsep.cli import main
+    from logitsep.serve import server
+
+    monkeypatch.setattr(server, "serve_forever", lambda app, *a, **k: app.state.service.close())
+    monkeypatch.delenv("LOGITSEP_TOKEN", raising=False)
+    assert main(["serve", str(run_dir), "--index", str(tmp_path / "i1"), "--token", "s3cret"]) == 0
+    assert "--token shows in `ps`" in capsys.readouterr().err
+    monkeypatch.setenv("LOGITSEP_TOKEN", "s3cret")
+    assert main(["serve", str(run_dir), "--index", str(tmp_path / "i2")]) == 0
+    assert "shows in `ps`" not in capsys.readouterr().err

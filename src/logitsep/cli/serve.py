@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", default=os.environ.get("LOGITSEP_TOKEN"),
-                        help="bearer token that /ingest requires (default: $LOGITSEP_TOKEN; none: open)")
+                        help="bearer token that /ingest and class changes require (default: $LOGITSEP_TOKEN, the "
+                             "way to pass it: a --token shows in `ps`; none: open)")
     parser.add_argument("--max-body", type=int, default=8 << 20, help="largest request body, bytes (default 8 MiB)")
     parser.add_argument("--score-cache", type=int, default=256, metavar="MB",
                         help="memory for the scores of recently searched classes (default 256 MB; 0: always scan)")
@@ -78,7 +79,7 @@ def _serve(args: argparse.Namespace, run_dir: Path, index: str | Path, tasks: li
     from ..serve.server import build, serve_forever
 
     app = build(run_dir, index, token=args.token, max_body=args.max_body, device=args.device, tasks=tasks,
-                score_cache_mb=args.score_cache)
+                score_cache_mb=args.score_cache, host=args.host)
     service = app.state.service
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
     info = {"url": url, "run": str(run_dir), "index": str(index), "items": len(service.index),
@@ -90,6 +91,8 @@ def _serve(args: argparse.Namespace, run_dir: Path, index: str | Path, tasks: li
         log(f"serving {run_dir} ({service.num_classes} classes, global threshold {service.threshold:.3f}) over "
             f"{index} ({len(service.index)} items){feed_text}")
         log(f"open {url}   (API: {url}docs)")
+    if args.token is not None and args.token != os.environ.get("LOGITSEP_TOKEN"):
+        log("warning: --token shows in `ps` to every user of this machine; set $LOGITSEP_TOKEN instead")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         log("warning: listening beyond this machine without --token: anyone who can reach it can /ingest")
     serve_forever(app, args.host, args.port, args.log_level)

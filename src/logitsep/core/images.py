@@ -35,6 +35,24 @@ class UnsupportedImage(ValueError):
     """A readable image that the model cannot take (its size or its pixel format)."""
 
 
+MAX_PNG_CHUNKS = 256  # chunks before IEND; an image of these sizes needs a handful
+
+
+def _check_png_chunks(data: bytes, where: str) -> None:
+    """Refuse a PNG of more than :data:`MAX_PNG_CHUNKS` chunks, counted from the chunk headers alone (a few
+    hundred steps at most): 520,000 empty ancillary chunks in 6 MB held the decoder, and the event loop, for
+    seconds."""
+    offset, count = len(PNG_SIGNATURE), 0
+    while offset + 8 <= len(data):
+        count += 1
+        if count > MAX_PNG_CHUNKS:
+            raise UnsupportedImage(f"{where}: unsupported PNG: more than {MAX_PNG_CHUNKS} chunks")
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        if data[offset + 4:offset + 8] == b"IEND":
+            return
+        offset += 12 + length
+
+
 def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, channels: int | None = None,
                  formats: tuple[str, ...] = ("PNG",)) -> np.ndarray:
     """Decode image bytes of one of ``formats`` (Pillow's names: ``"PNG"``, ``"JPEG"``) to ``uint8`` pixels:
@@ -46,6 +64,8 @@ def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, c
 
     if formats == ("PNG",) and not data.startswith(PNG_SIGNATURE):
         raise InvalidImage(f"{where}: not a readable PNG image: not a PNG image, its PNG signature is missing")
+    if data.startswith(PNG_SIGNATURE):
+        _check_png_chunks(data, where)
     if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
         # Pillow opens a 16-bit colour PNG as 8-bit "RGB", silently dropping the low bytes: its IHDR tells
         raise UnsupportedImage(f"{where}: unsupported PNG mode: 16-bit (8-bit grayscale or RGB expected)")

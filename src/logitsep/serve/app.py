@@ -126,7 +126,8 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error}
+                                           for code in (400, 401, 404, 409, 413, 422, 507)}
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -134,8 +135,8 @@ class Guard:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 (by ``Content-Length``, or while the body
     streams in), and add ``X-Content-Type-Options: nosniff`` (+ a content security policy on the page)."""
 
-    def __init__(self, app: Callable, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Callable, max_bytes: int, allowed_hosts: frozenset[str] | None = None) -> None:
+        self.app, self.max_bytes, self.allowed_hosts = app, max_bytes, allowed_hosts
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -151,6 +152,12 @@ class Guard:
                         return
                     ended, message = True, {"type": "http.response.body", "body": b"", "more_body": False}
                 await inner(message)
+        if self.allowed_hosts is not None:  # DNS rebinding: a page elsewhere must not reach a loopback server
+            host = _host_name(dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed_hosts:
+                response = JSONResponse({"error": f"host {host!r} is not served here (a server bound to this "
+                                                  "machine answers only to its loopback names)"}, status_code=400)
+                return await response(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = JSONResponse({"error": f"request body too large: {length.decode(errors='replace')} bytes, "
@@ -178,6 +185,17 @@ class Guard:
         await self.app(scope, limited, with_headers)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port (``[::1]:8000`` → ``::1``), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def _validation_message(err: RequestValidationError) -> tuple[int, str]:
     parts, status = [], 422
     for e in err.errors():
@@ -196,9 +214,12 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------------------ app
 def create_app(service: Service, *, token: str | None = None, max_body: int = MAX_BODY, heartbeat: float = 15.0,
-               tasks: list[Callable[[Service], Awaitable[None]]] | None = None) -> FastAPI:
+               tasks: list[Callable[[Service], Awaitable[None]]] | None = None,
+               allowed_hosts: frozenset[str] | None = None) -> FastAPI:
     """The FastAPI app. ``token``: a bearer token /ingest requires; ``tasks``: coroutines run while the app
-    lives (the demo feed), cancelled at shutdown; ``heartbeat``: seconds between SSE keep-alive comments."""
+    lives (the demo feed), cancelled at shutdown; ``heartbeat``: seconds between SSE keep-alive comments;
+    ``allowed_hosts``: the ``Host`` names answered (others: 400), e.g. :data:`LOOPBACK_HOSTS` for a server bound
+    to this machine."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -212,7 +233,7 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
                   description=__doc__, version="0.1.0", lifespan=lifespan)
     app.state.service = service
     _add_error_handlers(app)
-    app.add_middleware(Guard, max_bytes=max_body)
+    app.add_middleware(Guard, max_bytes=max_body, allowed_hosts=allowed_hosts)
     _add_read_routes(app, service)
     _add_write_routes(app, service, _authorizer(token))
     _add_stream_route(app, service, heartbeat)

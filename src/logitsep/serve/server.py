@@ -8,16 +8,20 @@ from typing import Any
 
 from ..classifier import SingleLogitClassifier
 from ..core.extras import require
-from .app import create_app
+from .app import LOOPBACK_HOSTS, create_app
 from .service import Service
 
 
 def build(run: str | Path, index: str | Path, *, token: str | None = None, max_body: int = 8 << 20,
-          device: str = "cpu", tasks: list | None = None, heartbeat: float = 15.0, score_cache_mb: int = 256) -> Any:
-    """The FastAPI app serving ``run`` over the serve folder ``index``."""
+          device: str = "cpu", tasks: list | None = None, heartbeat: float = 15.0, score_cache_mb: int = 256,
+          host: str | None = None) -> Any:
+    """The FastAPI app serving ``run`` over the serve folder ``index``; bound to a loopback ``host``, it answers
+    only requests addressed to a loopback name (DNS rebinding)."""
     classifier = SingleLogitClassifier.from_run(run, device=device)
     service = Service(classifier, index, score_cache=score_cache_mb << 20)
-    return create_app(service, token=token, max_body=max_body, heartbeat=heartbeat, tasks=tasks)
+    allowed = LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None
+    return create_app(service, token=token, max_body=max_body, heartbeat=heartbeat, tasks=tasks,
+                      allowed_hosts=allowed)
 
 
 def serve_forever(app: Any, host: str, port: int, log_level: str = "info") -> None:

@@ -25,10 +25,12 @@ live matches (:mod:`.stream`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,18 @@ def dataset_images(dataset: str, split: str, input_shape: tuple[int, ...]) -> np
 
     x, _ = load_dataset(dataset).split(split)
     return pixels_from_inputs(x, input_shape)
+
+
+@contextlib.contextmanager
+def _disk_full_is_507() -> Iterator[None]:
+    """A full disk (``ENOSPC``, ``EDQUOT``) is the storage's state, not a server fault: 507 with a JSON error (the
+    writes before the commit leave the index as it was)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BadInput(f"insufficient storage: {os.strerror(err.errno)}; nothing was added", 507) from None
+        raise
 
 
 class Service:
@@ -181,7 +195,7 @@ class Service:
             vectors = self.head.item_vectors(self.classifier.embed(inputs_from_images(pixels, self.input_shape)))
         vectors = np.ascontiguousarray(vectors.float().cpu().numpy())
         encoded = [encode_png(p) for p in pixels]
-        with self._write_lock:
+        with self._write_lock, _disk_full_is_507():
             start = len(self.index)
             for i, data in enumerate(encoded):  # the images first: a failure leaves no row without its image
                 atomic_write(self.images / f"{start + i}.png", lambda tmp, data=data: Path(tmp).write_bytes(data))
@@ -201,7 +215,7 @@ class Service:
             raise BadInput(str(err), 409 if isinstance(name, str) and name in self.class_names else 422) from None
         pixels = self.decode(pngs)
         x = inputs_from_images(pixels, self.input_shape)
-        with self._write_lock:  # one change of the classes at a time, none during an ingest's commit
+        with self._write_lock, _disk_full_is_507():  # one change of the classes at a time
             try:
                 class_id = self.classifier.enroll(name, x)
             except ValueError as err:
