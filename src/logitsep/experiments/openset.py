@@ -319,7 +319,7 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
     new = [c for c in range(data.num_classes) if c not in ks]
     sub, _ = _subset(data, ks)
     trained, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed, progress)
-    log(f"trained {loss} on {ks}; global threshold {threshold:.4f}")
+    log(f"trained {loss} on {ks if len(ks) <= 20 else f'{len(ks)} classes'}; global threshold {threshold:.4f}")
     full_config = TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
                               seed=seed).validate()
     full, _ = train(full_config, data=data, progress=progress, eval_splits=())
