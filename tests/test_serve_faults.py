@@ -170,3 +170,45 @@ def test_token_on_the_command_line_warns(run_dir: Path, tmp_path: Path, monkeypa
     monkeypatch.setenv("LOGITSEP_TOKEN", "s3cret")
     assert main(["serve", str(run_dir), "--index", str(tmp_path / "i2")]) == 0
     assert "shows in `ps`" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ finding 3: streams that never read
+
+
+def test_a_slow_subscriber_is_dropped_and_its_queue_freed(monkeypatch) -> None:
+    from logitsep.serve import stream
+
+    monkeypatch.setattr(stream, "QUEUE_EVENTS", 3)
+    b = stream.Broadcast(["a", "b"])
+    slow, fast = b.subscribe(0, -1e9, np.ones(2)), b.subscribe(1, -1e9, np.ones(2))
+    for i in range(5):  # each publish queues 2 matches + 1 ingest event per subscriber
+        b.publish(2 * i, np.ones((2, 2)), 2 * i + 2)
+        while not fast.queue.empty():  # this one reads
+            fast.queue.get_nowait()
+    assert slow.closed and slow not in b.subscribers and slow.queue.empty()  # memory given back
+    assert not fast.closed and fast in b.subscribers
+    assert b.stats()["subscribers"] == 1 and b.stats()["dropped"] > 0
+
+
+def test_subscribers_are_capped(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from logitsep.serve import stream
+
+    monkeypatch.setattr(stream, "MAX_SUBSCRIBERS", 1)
+    with make_client(run_dir, tmp_path / "index") as c:
+        service = c.app.state.service
+        service.stream.subscribe(0, 0.0, np.ones(65))
+        r = c.get("/stream", params={"class_id": 1})
+        assert r.status_code == 503 and "subscribers" in r.json()["error"]
+        service.close()
+
+
+def test_a_subscriber_keeps_its_class_name_when_classes_are_renumbered() -> None:
+    from logitsep.serve import stream
+
+    names = ["a", "b", "new1", "new2"]
+    b = stream.Broadcast(names)
+    sub = b.subscribe(3, -1e9, np.ones(2))
+    b.class_names = ["a", "b", "new2"]  # "new1" removed: "new2" is now class 2
+    b.publish(0, np.ones((1, 2)), 1)  # raised IndexError on the event loop
+    kind, event = sub.queue.get_nowait()
+    assert kind == "match" and event["class"] == "new2"

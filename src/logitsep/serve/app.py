@@ -127,7 +127,7 @@ class Error(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error}
-                                           for code in (400, 401, 404, 409, 413, 422, 507)}
+                                           for code in (400, 401, 404, 409, 413, 422, 503, 507)}
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -345,12 +345,19 @@ def _add_stream_route(app: FastAPI, service: Service, heartbeat: float) -> None:
         service.check_class(class_id)  # refuse bad parameters before the stream starts
         if threshold is not None:
             service.check_threshold(threshold)
+        if service.stream.full():
+            raise HTTPException(503, f"too many stream subscribers ({service.stats()['subscribers']}, the limit); "
+                                     "try again later")
 
         async def events():
             sub = service.subscribe(class_id, threshold)
             try:
                 yield f"retry: 2000\n: class {sub.class_id} threshold {sub.threshold}\n\n"
                 while True:
+                    if sub.closed:  # dropped for falling behind: say so and end
+                        closed = json.dumps({"reason": "fell behind", "dropped": sub.dropped})
+                        yield f"event: closed\ndata: {closed}\n\n"
+                        return
                     try:
                         kind, data = await asyncio.wait_for(sub.queue.get(), timeout=heartbeat)
                     except asyncio.TimeoutError:
