@@ -325,12 +325,12 @@ def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., N
         """Add a class from a few images (all or nothing; persisted in the run folder before it answers): its row
         is placed against the global threshold, which becomes its threshold. 409: the name is in use."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
-        return await run_in_threadpool(service.enroll, body.name, pngs)
+        return await service.in_writer(service.enroll, body.name, pngs)
 
     @app.delete("/classes/{class_id}", response_model=Removed, responses=ERRORS, dependencies=guard)
     async def remove(class_id: int) -> Any:
         """Remove an enrolled class (409 for a trained one); the enrolled classes after it move down one id."""
-        return await run_in_threadpool(service.remove, class_id)
+        return await service.in_writer(service.remove, class_id)
 
 
 def _add_stream_route(app: FastAPI, service: Service, heartbeat: float) -> None:

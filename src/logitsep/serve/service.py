@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,7 @@ class Service:
         self.images.mkdir(exist_ok=True)
         self._remove_orphans()
         self._write_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="logitsep-writer")
         self._cache_budget = score_cache
         self.cache = ScoreCache(score_cache) if score_cache > 0 else None
         self.stream = Broadcast(self.class_names)
@@ -137,8 +140,14 @@ class Service:
         return index
 
     def close(self) -> None:
-        """Release the index (its writer's lock)."""
+        """Release the index (its writer's lock) and the writer thread."""
+        self._writer.shutdown(wait=True)
         self.index.close()
+
+    async def in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a write (ingest, enrollment, removal) on the service's own writer thread: writes wait for the
+        writer lock there, one at a time, instead of holding the worker threads that searches share."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
 
     # ------------------------------------------------------------------------------------------- files
     def _remove_orphans(self) -> None:
@@ -310,14 +319,12 @@ class Service:
         self.stream.publish(start, vectors, total)
 
     async def ingest_async(self, pngs: list[bytes]) -> dict[str, Any]:
-        """:meth:`ingest` in a worker thread; its :meth:`publish` is queued on the event loop at the commit, so the
-        stream announces items in id order even when ingests overlap."""
-        from starlette.concurrency import run_in_threadpool
-
+        """:meth:`ingest` on the writer thread (:meth:`in_writer`); its :meth:`publish` is queued on the event loop
+        at the commit, so the stream announces items in id order."""
         loop = asyncio.get_running_loop()
 
         def announce(start: int, vectors: np.ndarray, total: int) -> None:
             loop.call_soon_threadsafe(self.publish, start, vectors, total)
 
-        start, vectors, total = await run_in_threadpool(self.ingest, pngs, announce)
+        start, vectors, total = await self.in_writer(self.ingest, pngs, announce)
         return {"added": len(vectors), "total": total, "ids": list(range(start, start + len(vectors)))}
