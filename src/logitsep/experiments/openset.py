@@ -413,7 +413,11 @@ def _write_enroll(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     header = ["rule", "n", "1−AUPRC (new)", "1−P@0.9 (new)", "1−P@0.9 vs trained", "1−pooled AUROC",
               "recall at T (new)", "FPR at T (new)", "1−AUPRC (old)"]
     old = summary["old_before"]
-    lines = [f"# Enrollment: {settings['dataset']}, trained on {settings['known']}, enrolled {settings['enrolled']}",
+    def classes(ids: list[int]) -> str:
+        return str(ids) if len(ids) <= 20 else f"{len(ids)} classes ({ids[0]}..{ids[-1]})"
+
+    lines = [f"# Enrollment: {settings['dataset']}, trained on {classes(settings['known'])}, enrolled "
+             f"{classes(settings['enrolled'])}",
              "", text_table(table, header, markdown=True), "",
              f"Mean ± sd over {settings['draws']} draws of n examples per enrolled class. Reference, the same loss "
              f"({settings['loss']}) trained on all classes with all their data, the same classes: 1−AUPRC "
