@@ -242,7 +242,6 @@ class SingleLogitClassifier:
         self.set_thresholds(th)
         return th
 
-
     # ----------------------------------------------------------------------------------------- enrollment
 
     def _embeddings_of(self, examples: object) -> Tensor:
@@ -290,11 +289,12 @@ class SingleLogitClassifier:
             write_negatives(self.run_dir, h, labels, sha, self.config.dataset, split)
         return h, labels
 
-    def _set_enrolled(self, enrolled: Enrolled) -> None:
-        """Write ``enrolled`` (when the classifier has a run folder), then use it: the head, names, thresholds."""
+    def _set_enrolled(self, enrolled: Enrolled, base: Head | None = None) -> None:
+        """Write ``enrolled`` (when the classifier has a run folder), then use it: the head (``base``: the trained
+        rows, when the caller has them), names, thresholds."""
         if self.run_dir is not None:
             write_enrolled(self.run_dir, enrolled)  # first: a failed write changes nothing
-        base = truncate_head(self.head, self.base_classes)
+        base = base if base is not None else truncate_head(self.head, self.base_classes)
         self.model.head = extend_head(base, enrolled)
         self.head = as_head(self.model.head)
         self.enrolled, self.num_classes = enrolled, self.base_classes + len(enrolled)
@@ -315,9 +315,9 @@ class SingleLogitClassifier:
                              f"threshold): run `logitsep calibrate {self.run_dir or 'RUN'}` first")
         h = self._embeddings_of(examples)
         neg = negatives if negatives is not None else self.negatives()[0]
-        w, b = new_row(rule, truncate_head(self.head, self.base_classes), h, neg,
-                       self.thresholds.global_threshold)
-        self._set_enrolled(self.enrolled.add(name, w, b, {"rule": rule, "examples": int(h.shape[0])}))
+        base = truncate_head(self.head, self.base_classes)
+        w, b = new_row(rule, base, h, neg, self.thresholds.global_threshold)
+        self._set_enrolled(self.enrolled.add(name, w, b, {"rule": rule, "examples": int(h.shape[0])}), base)
         return self.num_classes - 1
 
     def remove(self, name: str | int) -> None:

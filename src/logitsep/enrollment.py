@@ -58,7 +58,7 @@ from .core.files import atomic_write, fsync_dir, invalid
 from .heads import CosineHead, Head, LinearHead, as_head
 
 __all__ = ["DEFAULT_RULE", "ENROLLED", "MAX_EXAMPLES", "MAX_NEGATIVES", "NEGATIVES", "RULES", "Enrolled",
-           "check_name", "extend_head", "new_row", "read_enrolled", "read_negatives", "truncate_head",
+           "check_name", "extend_head", "new_row", "read_enrolled", "read_negatives", "row_logit", "truncate_head",
            "write_enrolled", "write_negatives"]
 
 ENROLLED = "enrolled.safetensors"
@@ -139,7 +139,9 @@ def _imprint(head: Head, h: Tensor, neg: Tensor, threshold: float) -> tuple[Tens
     return w, threshold - 0.5 * (pos.mean() + top)
 
 
-def _logit(head: Head, h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def row_logit(head: Head, h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The logit of a candidate row ``(w, b)`` of ``head``'s kind for embeddings ``h`` (what the row scores once
+    appended: ``w·h + b``, or ``scale·cos(h, w)`` for a cosine head)."""
     if isinstance(head, CosineHead):
         return head.scale * (F.normalize(h, dim=1) @ F.normalize(w, dim=0))
     return h @ w + (b if b is not None else 0.0)
@@ -159,8 +161,8 @@ def _fit(head: Head, h: Tensor, neg: Tensor, threshold: float, l2: float = 1e-2,
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = 0.5 * (F.softplus(threshold - _logit(head, h64, w, b)).mean()
-                      + F.softplus(_logit(head, neg64, w, b) - threshold).mean())
+        loss = 0.5 * (F.softplus(threshold - row_logit(head, h64, w, b)).mean()
+                      + F.softplus(row_logit(head, neg64, w, b) - threshold).mean())
         loss = loss + 0.5 * l2 * (w - w0).square().sum() / scale ** 2
         loss.backward()
         return loss

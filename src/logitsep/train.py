@@ -75,9 +75,11 @@ from .runs import (
     STATE,
     THRESHOLDS,
     WEIGHTS,
+    Run,
     TrainConfig,
     load_run,
     model_spec,
+    read_state,
     write_spec,
 )
 from .thresholds import calibrate_blocked, calibrate_scores
@@ -126,9 +128,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, extra: nn.Module | Non
 # ---------------------------------------------------------------------------------------------- distillation
 
 
-def _load_teachers(config: TrainConfig, data: Splits, device: torch.device) -> list[tuple[nn.Module, float]]:
-    """The teacher runs (evaluation mode, no gradient) and the factor from their outputs to their logits;
-    ``ValueError`` for a teacher of other classes or inputs."""
+def _load_teachers(config: TrainConfig, data: Splits, device: torch.device) -> list[Run]:
+    """The teacher runs (models in evaluation mode, no gradient); ``ValueError`` for a teacher of other classes or
+    inputs."""
     out = []
     for path in config.teachers:
         run = load_run(path, device=device, enrolled=False)
@@ -140,13 +142,13 @@ def _load_teachers(config: TrainConfig, data: Splits, device: torch.device) -> l
             raise ValueError(f"teacher {path}'s classes are not this data's (names or order differ)")
         for p in run.model.parameters():
             p.requires_grad_(False)
-        out.append((run.model.eval(), softmax_scale(run.config)))
+        run.model.eval()
+        out.append(run)
     return out
 
 
-def _start_from_teacher(model: SLCModel, config: TrainConfig) -> None:
+def _start_from_teacher(model: SLCModel, config: TrainConfig, teacher: Run) -> None:
     """``head_only``: the first teacher's weights (same architecture and head kind), the features frozen."""
-    teacher = load_run(config.teachers[0], enrolled=False)
     if teacher.spec.architecture != config.model:
         raise ValueError(f"head_only keeps the teacher's features: the student's model must be the teacher's "
                          f"({teacher.spec.architecture!r}), got {config.model!r}")
@@ -163,8 +165,6 @@ def _distill_loss(s: _Session, xb: Tensor, logits: Tensor, hard: Tensor | None) 
     """The objective on the teachers' logits of ``xb`` (computed without gradient) plus ``alpha`` × the hard-label
     loss. Logits, not a cosine head's cosines: outputs times their softmax scale."""
     config = s.config
-    if not config.objective:
-        return hard
     with torch.no_grad():
         teacher_logits = [t(xb).float() * scale for t, scale in s.teachers]
     student = logits * softmax_scale(config)
@@ -441,8 +441,6 @@ def distill(teachers: list[str] | str, loss: str, objective: str = "", out: str 
     ``logit_match`` or ``""``) plus ``alpha`` × ``loss`` on the hard labels; ``head_only`` keeps the first
     teacher's features frozen and trains its head. Dataset and model default to the first teacher's. The run is a
     :func:`train` run (its config records the teachers): resume, checkpoints and DDP as for ``train``."""
-    from .runs import read_state
-
     teachers = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
     if not teachers:
         raise ValueError("distill needs at least one teacher run")
@@ -465,10 +463,11 @@ def _start(config: TrainConfig, data: Splits, out: Path | None, resume: bool, ct
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, head=loss_spec(config.loss).head,
                         scale=config.head_scale).to(ctx.device)
-    teachers = _load_teachers(config, data, ctx.device)
+    runs = _load_teachers(config, data, ctx.device)
+    teachers = [(r.model, softmax_scale(r.config)) for r in runs] if config.objective else []
     disc = None
     if config.head_only:  # the first teacher's weights; its features frozen (no gradient, evaluation mode)
-        _start_from_teacher(model, config)
+        _start_from_teacher(model, config, runs[0])
     if config.objective == "meal_v2":
         disc = Discriminator(data.num_classes).to(ctx.device)
     model = distributed.convert_batchnorm(model, ctx)

@@ -66,9 +66,9 @@ def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, c
         raise InvalidImage(f"{where}: not a readable PNG image: not a PNG image, its PNG signature is missing")
     if data.startswith(PNG_SIGNATURE):
         _check_png_chunks(data, where)
-    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
-        # Pillow opens a 16-bit colour PNG as 8-bit "RGB", silently dropping the low bytes: its IHDR tells
-        raise UnsupportedImage(f"{where}: unsupported PNG mode: 16-bit (8-bit grayscale or RGB expected)")
+        if data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
+            # Pillow opens a 16-bit colour PNG as 8-bit "RGB", silently dropping the low bytes: its IHDR tells
+            raise UnsupportedImage(f"{where}: unsupported PNG mode: 16-bit (8-bit grayscale or RGB expected)")
     kind = "/".join(formats)
     try:
         with Image.open(io.BytesIO(data), formats=list(formats)) as img:

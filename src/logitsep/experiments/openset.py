@@ -46,7 +46,7 @@ from ..core.provenance import command_line, environment
 from ..core.ranking import ranked_counts, recall_position
 from ..core.tables import text_table
 from ..data import Splits, load_dataset
-from ..enrollment import RULES, new_row
+from ..enrollment import RULES, new_row, row_logit
 from ..losses import loss_spec
 from ..metrics import slc_metrics
 from ..thresholds import calibrate_scores
@@ -171,14 +171,14 @@ def _subset(data: Splits, known: Sequence[int]) -> tuple[Splits, np.ndarray]:
 
 
 def _fit(loss: str, sub: Splits, steps: int, lr: float, model: str, batch_size: int, seed: int,
-         progress: bool | None) -> tuple[torch.nn.Module, float]:
-    """Train ``loss`` on ``sub``; return the model and its global threshold (precision 0.99 on ``sub``'s
-    validation logits)."""
+         progress: bool | None) -> tuple[torch.nn.Module, np.ndarray, float]:
+    """Train ``loss`` on ``sub``; return the model, its validation logits and its global threshold (precision 0.99
+    on them)."""
     config = TrainConfig(dataset=sub.name, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
                          seed=seed).validate()
     trained, _ = train(config, data=sub, progress=progress, eval_splits=())
-    th = calibrate_scores(_logits(trained, sub.valid_x), sub.valid_y)
-    return trained, float(th.global_threshold)
+    valid = _logits(trained, sub.valid_x)
+    return trained, valid, float(calibrate_scores(valid, sub.valid_y).global_threshold)
 
 
 @torch.no_grad()
@@ -210,14 +210,13 @@ def reproduce_openset(out: str | Path, dataset: str, known: str | int, splits: i
         test_x = data.test_x
         log(f"split {i}: known {ks if len(ks) <= 20 else f'{len(ks)} classes ({ks[0]}..{ks[-1]})'}")
         for loss in losses:
-            trained, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed + i, progress)
+            trained, valid, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed + i, progress)
             z = _logits(trained, test_x)
             for score in ("max_logit", "max_softmax") if loss == "ce" else ("max_logit",):
                 if score == "max_logit":
                     m = openset_metrics(z, test_y, threshold, score)
                 else:  # the probabilities as scores, with a global threshold calibrated on them the same way
-                    probs = _softmax(_logits(trained, sub.valid_x))
-                    t_probs = float(calibrate_scores(probs, sub.valid_y).global_threshold)
+                    t_probs = float(calibrate_scores(_softmax(valid), sub.valid_y).global_threshold)
                     m = openset_metrics(_softmax(z), test_y, t_probs, "max_logit")
                 per.setdefault((loss, score), []).append({"split": i, "known": ks, **m})
                 log(f"  {loss:>12} {score:<11} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if v is not None))
@@ -318,23 +317,22 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
     ks = known_classes(known, data.num_classes, 1, seed, data.class_names)[0]
     new = [c for c in range(data.num_classes) if c not in ks]
     sub, _ = _subset(data, ks)
-    trained, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed, progress)
+    trained, _, threshold = _fit(loss, sub, steps, lr, model, batch_size, seed, progress)
     log(f"trained {loss} on {ks if len(ks) <= 20 else f'{len(ks)} classes'}; global threshold {threshold:.4f}")
     full_config = TrainConfig(dataset=dataset, model=model, loss=loss, steps=steps, lr=lr, batch_size=batch_size,
                               seed=seed).validate()
     full, _ = train(full_config, data=data, progress=progress, eval_splits=())
     test_y = np.asarray(data.test_y)
-    reference = _per_class(_logits(full, data.test_x), test_y, new)
-    old_ref = _per_class(_logits(full, data.test_x), test_y, ks)
+    full_logits = _logits(full, data.test_x)
+    reference, old_ref = _per_class(full_logits, test_y, new), _per_class(full_logits, test_y, ks)
     log(f"reference (all {data.num_classes} classes trained): new classes {reference}")
     with torch.no_grad():
         trained.eval()
         h_test = trained.embed(torch.as_tensor(np.asarray(data.test_x))).float()
         train_x, train_y = data.split("train")
         train_y = np.asarray(train_y)
-        neg_pick = np.flatnonzero(np.isin(np.asarray(sub.valid_y), np.arange(len(ks))))
-        neg = trained.embed(torch.as_tensor(np.asarray(sub.valid_x[torch.as_tensor(neg_pick[:4096])]))).float()
-    base = _logits(trained, data.test_x)  # [n, K] the trained rows
+        neg = trained.embed(torch.as_tensor(np.asarray(sub.valid_x[:4096]))).float()  # known classes only
+        base = trained.head.logits(h_test, range(len(ks))).numpy()  # [n, K] the trained rows
     scores = np.empty((len(test_y), data.num_classes), dtype=np.float32)
     scores[:, ks] = base
     before = _per_class_old(base, test_y, ks)
@@ -352,10 +350,7 @@ def enrollment_study(out: str | Path, dataset: str, known: str | int, shots: Seq
                         h = trained.embed(torch.as_tensor(np.asarray(train_x[torch.as_tensor(pick)]))).float()
                     w, b = new_row(rule, trained.head, h, neg, threshold)
                     with torch.no_grad():
-                        z = h_test @ w + (b if b is not None else 0.0) if trained.head.kind == "linear" else \
-                            trained.head.scale * torch.nn.functional.normalize(h_test, dim=1) @ \
-                            torch.nn.functional.normalize(w, dim=0)
-                    scores[:, c] = z.numpy()
+                        scores[:, c] = row_logit(trained.head, h_test, w, b).numpy()
                 m = _per_class(scores, test_y, new)
                 old = _per_class(scores, test_y, ks)
                 results.append({**m, "old_auprc": old["auprc"], "old_precision@0.9": old["precision@0.9"],

@@ -125,6 +125,7 @@ def _build(compiler: str) -> Path:
         return target
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".softplus-", suffix=".so")
     os.close(fd)
+    record_tmp = None
     try:
         subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True,
                        timeout=120)
@@ -136,7 +137,7 @@ def _build(compiler: str) -> Path:
         os.replace(record_tmp, target.with_suffix(".sha256"))
         os.replace(tmp, target)  # a concurrent build of the same key writes the same bytes: either wins
     finally:
-        for leftover in (tmp, locals().get("record_tmp")):
+        for leftover in (tmp, record_tmp):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
     if not _trusted(target):  # another process replaced one of the two between our renames
