@@ -12,6 +12,14 @@ meal_v2 + batch_ce, kd + batch_ce, logit_match (objective alone). Learning rates
 Columns: 1 − AUPRC / 1 − P@0.9 / 1 − P@0.99 of the single logit, pooled AUROC, accuracy, all-logits
 AUPRC, training steps. Writes ``OUT/distill.json``, ``.csv``, ``.md`` and ``distill.png``; run folders go to
 ``--runs`` (reused when complete).
+
+On glyphs (resnet_small, every rate 0.1: the rate of the glyphs comparisons in results/glyphs):
+
+    .venv/bin/python tools/distill_table.py --dataset glyphs --model resnet_small --lr-ce 0.1 --lr-aligned 0.1 \
+        --runs /work/runs/distill-glyphs --out results/distill/glyphs --head-steps 200,1000
+
+``--lane A`` / ``--lane B`` trains only that lane's runs (two processes on two cores; a lane waits for the runs it
+depends on, e.g. the teachers); a last call without ``--lane`` trains what is left and writes the table.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +58,10 @@ def row(name: str, run: Path | None, scores: np.ndarray | None, y: np.ndarray, s
             "steps": steps, "train_seconds": seconds, "run": str(run) if run else None}
 
 
+LANES = {"A": {"teacher0", "teacher1", "teacher2", "meal_v2", "kd+batch_ce", "head-steps"},
+         "B": {"ce", "batch_ce", "head-lr", "meal_v2+batch_ce", "logit_match"}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")
@@ -61,6 +74,10 @@ def main() -> int:
     p.add_argument("--head-lrs", type=lambda t: [float(v) for v in t.split(",")],
                    default=[0.1, 0.03, 0.01, 0.003, 0.001],
                    help="head-only learning rates; the one with the best validation AUPRC is kept")
+    p.add_argument("--lr-ce", type=float, default=0.1, help="rate of CE runs and of students without batch_ce")
+    p.add_argument("--lr-aligned", type=float, default=0.01,
+                   help="rate of batch_ce from scratch and of students with batch_ce in their sum")
+    p.add_argument("--lane", choices=sorted(LANES), help="train only this lane's runs (see above); no table")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,26 +87,32 @@ def main() -> int:
     common = {"dataset": args.dataset, "model": args.model, "steps": args.steps, "batch_size": 128}
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
+    def mine(group: str) -> bool:
+        return args.lane is None or group in LANES[args.lane]
+
+    def need(run: Path) -> Path:  # a run another lane trains: wait for it
+        while args.lane and not done(run):
+            time.sleep(20)
+        return run
+
     def fit(name: str, config: TrainConfig) -> Path:
         run = runs / name
-        if not done(run):
+        if not done(run) and mine(name):
             log(f"training {name}")
             train(config, data=data, out=run, progress=False, eval_splits=("valid", "test"))
         return run
 
-    teachers = [fit(f"teacher{s}", TrainConfig(loss="ce", lr=0.1, seed=s, **common)) for s in range(3)]
-    rows = [row(f"teacher {i} (CE)", t, None, y, args.steps) for i, t in enumerate(teachers)]
-    ensemble = np.mean([predict(load_run(t).model, data.test_x).numpy() for t in teachers], axis=0)
-    rows.append(row("teachers' ensemble (mean logits)", None, ensemble, y, 3 * args.steps))
-    rows.append(row("CE from scratch", fit("ce", TrainConfig(loss="ce", lr=0.1, seed=3, **common)), None, y,
-                    args.steps))
-    rows.append(row("batch_ce from scratch", fit("batch_ce", TrainConfig(loss="batch_ce", lr=0.01, seed=3, **common)),
-                    None, y, args.steps))
+    teachers = [fit(f"teacher{s}", TrainConfig(loss="ce", lr=args.lr_ce, seed=s, **common)) for s in range(3)]
+    fit("ce", TrainConfig(loss="ce", lr=args.lr_ce, seed=3, **common))
+    fit("batch_ce", TrainConfig(loss="batch_ce", lr=args.lr_aligned, seed=3, **common))
     head_lr, head_runs = None, []
     first = args.head_steps[0]
     for lr in args.head_lrs:  # the rate by validation AUPRC of the single logit (the test split stays unseen)
         run = runs / f"head-lr{lr:g}"
-        if not done(run):
+        if not mine("head-lr"):
+            need(run)
+        elif not done(run):
+            need(teachers[0])
             log(f"head-only refit at lr {lr:g}")
             distill([str(teachers[0])], "batch_ce", "", out=run, head_only=True, steps=first, lr=lr, seed=3,
                     data=data, progress=False)
@@ -97,27 +120,42 @@ def main() -> int:
         head_runs.append({"lr": lr, "valid_auprc": valid, "run": str(run)})
         if head_lr is None or valid > head_lr[1]:
             head_lr = (lr, valid, run)
-    rows.append({**row(f"head-only batch_ce (teacher 0), lr {head_lr[0]:g}, {first} steps", head_lr[2], None, y, first),
-                 "lr_grid": head_runs})
+    head_rows = [{**row(f"head-only batch_ce (teacher 0), lr {head_lr[0]:g}, {first} steps", head_lr[2], None, y,
+                        first), "lr_grid": head_runs}]
     for steps in args.head_steps[1:]:
         run = runs / f"head-{steps}"
-        if not done(run):
+        if not done(run) and mine("head-steps"):
             log(f"head-only refit, {steps} steps")
             distill([str(teachers[0])], "batch_ce", "", out=run, head_only=True, steps=steps, lr=head_lr[0], seed=3,
                     data=data, progress=False)
-        rows.append(row(f"head-only batch_ce (teacher 0), lr {head_lr[0]:g}, {steps} steps", run, None, y, steps))
-    students = [("meal_v2", "meal_v2", "ce", "meal_v2", 0.0, False, args.steps, 0.1),
-                ("meal_v2 + batch_ce", "meal_v2+batch_ce", "batch_ce", "meal_v2", 1.0, False, args.steps, 0.01),
-                ("kd + batch_ce", "kd+batch_ce", "batch_ce", "kd", 1.0, False, args.steps, 0.01),
-                ("logit_match", "logit_match", "ce", "logit_match", 0.0, False, args.steps, 0.1)]
+        if done(run):
+            head_rows.append(row(f"head-only batch_ce (teacher 0), lr {head_lr[0]:g}, {steps} steps", run, None, y,
+                                 steps))
+    students = [("meal_v2", "meal_v2", "ce", "meal_v2", 0.0, False, args.steps, args.lr_ce),
+                ("meal_v2 + batch_ce", "meal_v2+batch_ce", "batch_ce", "meal_v2", 1.0, False, args.steps,
+                 args.lr_aligned),
+                ("kd + batch_ce", "kd+batch_ce", "batch_ce", "kd", 1.0, False, args.steps, args.lr_aligned),
+                ("logit_match", "logit_match", "ce", "logit_match", 0.0, False, args.steps, args.lr_ce)]
+    student_rows = []
     for name, folder, loss, objective, alpha, head_only, steps, lr in students:
         run = runs / folder
-        if not done(run):
+        if not done(run) and mine(folder):
+            for t in teachers:
+                need(t)
             log(f"distilling {name}")
             chosen = [str(teachers[0])] if head_only else [str(t) for t in teachers]
             distill(chosen, loss, objective, out=run, alpha=alpha, head_only=head_only, steps=steps, lr=lr, seed=3,
                     data=data, progress=False)
-        rows.append(row(name, run, None, y, steps))
+        if done(run):
+            student_rows.append(row(name, run, None, y, steps))
+    if args.lane:
+        return 0
+    rows = [row(f"teacher {i} (CE)", t, None, y, args.steps) for i, t in enumerate(teachers)]
+    ensemble = np.mean([predict(load_run(t).model, data.test_x).numpy() for t in teachers], axis=0)
+    rows.append(row("teachers' ensemble (mean logits)", None, ensemble, y, 3 * args.steps))
+    rows.append(row("CE from scratch", runs / "ce", None, y, args.steps))
+    rows.append(row("batch_ce from scratch", runs / "batch_ce", None, y, args.steps))
+    rows += head_rows + student_rows
     env = environment()
     meta = {"command": command_line(), "environment": env, "settings": vars(args)}
     write_json(out / "distill.json", {**meta, "rows": rows})
