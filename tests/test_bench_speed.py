@@ -140,19 +140,29 @@ def test_bench_head_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_search_small(tmp_path: Path) -> None:
-    result = bench_search.run(items=3000, dim=32, classes=20, queries=4, nlist=8, nprobes=(1, 8), repeats=1,
+    from logitsep.search import paths
+
+    paths.forget()
+    result = bench_search.run(items=5000, dim=32, classes=20, queries=4, nlist=8, nprobes=(1, 8), repeats=1,
                               out=tmp_path / "search", tmp_dir=str(tmp_path))
     for key in ("items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio"):
         assert result[key] > 0
-    # the exact search reads the float16 screen (33 × 2 bytes per item) plus at most 10% of the float32 rows
-    assert result["screened"]
-    assert result["items_per_s"] * 33 * 2 / 1e9 <= result["gb_per_s"] <= result["items_per_s"] * 33 * 2.4 / 1e9
+    # every exact path measured, with its ratios; the default search took the path measured fastest
+    assert set(result["paths"]) == set(bench_search.exact_paths())
+    assert all(v["torch_ratio"] > 0 and v["bandwidth_ratio"] > 0 for v in result["paths"].values())
+    assert result["chosen_path"] in result["paths"] and result["chosen_batch_path"] in paths.BATCH_PATHS
+    choice = next(c for c in paths.chosen() if c.kind == "single")
+    assert choice.path == result["chosen_path"] == min(choice.seconds, key=choice.seconds.get)
+    assert result["cpu"] and result["screened"] == (result["chosen_path"] == "screen")
+    # the screen reads its float16 rows (33 × 2 bytes per item) plus at most 10% of the float32 rows
+    screen = next(r for r in result["rows"] if r["method"] == "path screen")
+    assert screen["items_per_s"] * 33 * 2 / 1e9 <= screen["gb_per_s"] <= screen["items_per_s"] * 33 * 2.4 / 1e9
     assert result["float32_scan_torch_ratio"] > 0 and result["float32_scan_bandwidth_ratio"] > 0
     ivf = {r["nprobe"]: r for r in result["rows"] if r["method"] == "ivf, one by one"}
     assert ivf[8]["recall_threshold"] == 1.0 and ivf[8]["recall_top_k"] == 1.0  # every list probed: exact
     assert ivf[8]["scanned_fraction"] == 1.0 and ivf[1]["scanned_fraction"] < 1.0
     saved = json.loads((tmp_path / "search.json").read_text())
-    assert saved["approximate"]["nlist"] == 8 and saved["items"] == 3000 and saved["rows"]
+    assert saved["approximate"]["nlist"] == 8 and saved["items"] == 5000 and saved["rows"]
     assert (tmp_path / "search.png").stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("logitsep-bench")] == []  # temp data removed
 
@@ -162,7 +172,8 @@ def test_bench_search_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
                  "--nprobes", "1,2", "--repeats", "1", "--out", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio"} <= set(out)
-    assert (tmp_path / "search.csv").is_file()
+    assert {"cpu", "chosen_path", "paths"} <= set(out)
+    assert (tmp_path / f"search-{bench_search.cpu_slug()}.csv").is_file()  # the CPU in the file name
     assert main(["bench", "search", "--items", "100", "--classes", "5", "--queries", "6", "--out",
                  str(tmp_path)]) == 2
     assert "queries" in capsys.readouterr().err

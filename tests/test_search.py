@@ -52,8 +52,8 @@ def files_state(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def index_of(tmp_path: Path):
-    def make(vectors: torch.Tensor, name: str = "index") -> EmbeddingIndex:
-        index = EmbeddingIndex.create(tmp_path / name, vectors.shape[1])
+    def make(vectors: torch.Tensor, name: str = "index", exact_path: str | None = None) -> EmbeddingIndex:
+        index = EmbeddingIndex.create(tmp_path / name, vectors.shape[1], exact_path=exact_path)
         index.append(vectors)
         return index
 
@@ -224,7 +224,7 @@ def screened(index: EmbeddingIndex) -> int:
 def test_screened_search_equals_a_float64_brute_force(gen: torch.Generator, index_of, monkeypatch,
                                                       threshold: float | None, top_k: int | None) -> None:
     vectors, means = clustered(gen, 3000, 24, 30)
-    index = index_of(vectors)
+    index = index_of(vectors, exact_path="screen")
     monkeypatch.setattr(storage_mod, "scan", lambda *a, **k: pytest.fail("the screen should answer, not the scan"))
     results = index.search(means[:3], threshold=threshold, top_k=top_k)
     assert screened(index) == len(vectors)
@@ -235,18 +235,94 @@ def test_screened_search_equals_a_float64_brute_force(gen: torch.Generator, inde
         assert result.scanned == len(vectors)
 
 
-def test_screen_and_float32_scan_agree_on_every_query_kind(gen: torch.Generator, tmp_path: Path) -> None:
-    vectors, means = clustered(gen, 2000, 40, 8)
+def paths_available() -> list[str]:
+    return ["screen", "numpy", "torch"] + (["faiss"] if scan_mod.faiss_available() else [])
+
+
+def test_every_path_gives_the_same_answer_bit_for_bit(gen: torch.Generator, tmp_path: Path) -> None:
+    """The float16 screen and the float32 kernels (numpy, torch, FAISS), one query at a time or batched, in one
+    chunk or many: the same ids in the same order and the same float32 scores, bit for bit. Thresholds set at an
+    item's own score (a tie at the threshold) and top-k cut inside groups of equal rows (ties by id)."""
+    vectors, means = clustered(gen, 3000, 40, 8)
+    vectors[100:110] = vectors[5]  # ten copies of item 5: equal scores, ties broken by id
     with EmbeddingIndex.create(tmp_path / "ix", 40) as index:
         index.append(vectors)
-    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
-    for threshold, top_k in [(0.4, None), (None, 50), (0.7, 3), ([0.3, 0.8], None), (-np.inf, 5)]:
-        a = fast.search(means[:2], threshold=threshold, top_k=top_k)
-        b = plain.search(means[:2], threshold=threshold, top_k=top_k)
-        for x, y in zip(a, b, strict=True):
-            assert sorted(x.ids.tolist()) == sorted(y.ids.tolist())
-            np.testing.assert_allclose(np.sort(x.scores), np.sort(y.scores), rtol=1e-6, atol=1e-6)
-    assert screened(fast) == len(vectors) and screened(plain) == 0
+    ref = EmbeddingIndex.open(tmp_path / "ix", exact_path="numpy")
+    at = float(ref.search(means[0], top_k=40).scores[-1])  # a threshold exactly at a stored item's score
+    every = ref.search(vectors[5], threshold=-np.inf)
+    tie = float(every.scores[every.ids == 5][0])  # the score of item 5 and its ten copies
+    cases = [(0.4, None), (None, 50), (0.7, 3), ([0.3, 0.8], None), (-np.inf, 5), (at, None), ([at, at], 7),
+             (tie, None)]
+    for path in paths_available():
+        ix = EmbeddingIndex.open(tmp_path / "ix", exact_path=path)
+        for threshold, top_k in cases:
+            queries = torch.stack([vectors[5], means[1]]) if threshold == tie else means[:2]
+            want = ref.search(queries, threshold=threshold, top_k=top_k)
+            for got in (ix.search(queries, threshold=threshold, top_k=top_k),
+                        [ix.search(v, threshold=t, top_k=top_k) for v, t in
+                         zip(queries, threshold if isinstance(threshold, list) else [threshold] * 2, strict=True)],
+                        ix.search(queries, threshold=threshold, top_k=top_k, chunk_rows=257)):
+                for x, y in zip(got, want, strict=True):
+                    assert x.ids.tolist() == y.ids.tolist(), (path, threshold, top_k)
+                    assert x.scores.tobytes() == y.scores.tobytes(), (path, threshold, top_k)
+        assert ix.last_path == path
+    assert len(ref.search(means[0], threshold=at)) == 40
+    assert ref.search(vectors[5], threshold=tie).ids[-11:].tolist() == [5, *range(100, 110)]  # tied, by id
+
+
+def test_scores_are_the_float64_inner_products_rounded_once(gen: torch.Generator, tmp_path: Path) -> None:
+    """Every path's scores: the float32 rounding of the float64 inner product (products exact, summed in float64),
+    closer to the true value than a float32 dot product."""
+    vectors, means = clustered(gen, 2000, 64, 4)
+    with EmbeddingIndex.create(tmp_path / "ix", 64) as index:
+        index.append(vectors)
+    for path in paths_available():
+        found = EmbeddingIndex.open(tmp_path / "ix", exact_path=path).search(means[0], top_k=30)
+        exact = (vectors[found.ids].double() @ means[0].double()).numpy()
+        assert (found.scores == exact.astype(np.float32)).mean() > 0.99  # rounding of a float64 sum: nearly always
+        np.testing.assert_allclose(found.scores, exact, rtol=2 ** -24, atol=0)
+
+
+def test_auto_path_is_measured_and_cached(gen: torch.Generator, tmp_path: Path, monkeypatch) -> None:
+    """``auto`` runs every candidate path on the first search of a kind and keeps the fastest; later searches of
+    that kind and size reuse the choice; ``$LOGITSEP_EXACT_PATH`` and ``exact_path=`` override it."""
+    from logitsep.search import paths as paths_mod
+
+    paths_mod.forget()
+    vectors, means = clustered(gen, 5000, 16, 4)
+    with EmbeddingIndex.create(tmp_path / "ix", 16) as index:
+        index.append(vectors)
+    clock = iter(range(10 ** 6))
+    speed = {"screen": 5.0, "numpy": 3.0, "torch": 1.0, "faiss": 4.0, "loop": 9.0}
+    now = [0.0]
+
+    def fake_search_with(self, path, q, thresholds, k, real=storage_mod.EmbeddingIndex._search_with):
+        now[0] += speed[path] * (1 + next(clock) % 2 * 0.01)
+        return real(self, path, q, thresholds, k)
+
+    monkeypatch.setattr(storage_mod.EmbeddingIndex, "_search_with", fake_search_with)
+    monkeypatch.setattr(paths_mod.time, "perf_counter", lambda: now[0])
+    ix = EmbeddingIndex.open(tmp_path / "ix")
+    assert ix.exact_path == "auto"
+    want = ix.search(means[0], threshold=0.5)
+    assert ix.last_path == "torch"
+    choice = [c for c in paths_mod.chosen() if c.kind == "single"][0]
+    assert set(choice.seconds) == set(paths_available()) and choice.path == "torch"
+    speed["torch"] = 100.0  # cached: not measured again at this size
+    assert ix.search(means[1], threshold=0.5) is not None and ix.last_path == "torch"
+    batch = ix.search(means[:3], threshold=0.5)
+    assert ix.last_path == "torch" or ix.last_path in paths_mod.BATCH_PATHS
+    assert batch[0].ids.tolist() == want.ids.tolist()
+    monkeypatch.setenv(paths_mod.ENV, "screen")
+    assert EmbeddingIndex.open(tmp_path / "ix").exact_path == "screen"
+    monkeypatch.setenv(paths_mod.ENV, "fastest")
+    with pytest.raises(ValueError, match="LOGITSEP_EXACT_PATH must be one of auto, screen"):
+        EmbeddingIndex.open(tmp_path / "ix")
+    with pytest.raises(ValueError, match="exact_path must be one of"):
+        EmbeddingIndex.open(tmp_path / "ix", exact_path="gpu")
+    with pytest.raises(ValueError, match="needs screen=True"):
+        EmbeddingIndex.open(tmp_path / "ix", screen=False, exact_path="screen")
+    paths_mod.forget()
 
 
 def test_screen_margin_bounds_the_float16_error(gen: torch.Generator) -> None:
@@ -273,7 +349,7 @@ def test_screen_margin_bounds_the_float16_error(gen: torch.Generator) -> None:
 
 def test_screen_follows_appends_and_steps_aside_when_it_cannot_help(gen: torch.Generator, tmp_path: Path) -> None:
     vectors, means = clustered(gen, 500, 8, 4)
-    index = EmbeddingIndex.create(tmp_path / "ix", 8)
+    index = EmbeddingIndex.create(tmp_path / "ix", 8, exact_path="screen")
     index.append(vectors[:300])
     assert index.search(means[0], threshold=0.5).ids.tolist() == brute_force(
         vectors[:300].numpy(), means[0].numpy(), 0.5, None)[0]
@@ -292,7 +368,7 @@ def test_screen_follows_appends_and_steps_aside_when_it_cannot_help(gen: torch.G
     assert result.ids.tolist() == brute_force(torch.cat([vectors, big]).numpy(), means[0].numpy(), None, 3)[0]
     assert not index._screen.usable
     # a query whose scores would leave float16's range is scanned in float32
-    plain = EmbeddingIndex.create(tmp_path / "iy", 8)
+    plain = EmbeddingIndex.create(tmp_path / "iy", 8, exact_path="screen")
     plain.append(vectors)
     assert plain.search(means[0] * 1e5, top_k=2).ids.tolist() == brute_force(
         vectors.numpy(), (means[0] * 1e5).numpy(), None, 2)[0]
@@ -790,13 +866,11 @@ def test_screen_keeps_items_whose_float16_scores_all_round_down(tmp_path: Path) 
     with EmbeddingIndex.create(tmp_path / "ix", 64) as index:
         index.append(rows)
     threshold = float(rows[0].double() @ query.double()) * (1 - 2.0 ** -16)
-    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
+    fast = EmbeddingIndex.open(tmp_path / "ix", exact_path="screen")
+    plain = EmbeddingIndex.open(tmp_path / "ix", screen=False, exact_path="torch")
     found = fast.search(query, threshold=threshold)
     assert fast._screen is not None and fast._screen.last_candidates >= 0  # the screen answered
-    # (the same set: the screen re-scores its candidates in another summation order, so equal rows may differ
-    # in the last bit of their float32 scores and come out in another order)
-    assert sorted(found.ids.tolist()) == sorted(plain.search(query, threshold=threshold).ids.tolist()) \
-        == list(range(0, 100, 2))
+    assert found.ids.tolist() == plain.search(query, threshold=threshold).ids.tolist() == list(range(0, 100, 2))
 
 
 def test_screened_threshold_keeps_scores_exactly_at_the_threshold(tmp_path: Path) -> None:
@@ -811,7 +885,8 @@ def test_screened_threshold_keeps_scores_exactly_at_the_threshold(tmp_path: Path
     with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
         index.append(rows)
     want = list(range(0, 1000, 50))
-    fast, plain = EmbeddingIndex.open(tmp_path / "ix"), EmbeddingIndex.open(tmp_path / "ix", screen=False)
+    fast = EmbeddingIndex.open(tmp_path / "ix", exact_path="screen")
+    plain = EmbeddingIndex.open(tmp_path / "ix", screen=False)
     for ix in (fast, plain):
         assert ix.search(query, threshold=4.0).ids.tolist() == want
         assert ix.search(query, threshold=4.0, top_k=5).ids.tolist() == want[:5]
@@ -851,6 +926,40 @@ def test_screened_top_k_survives_errors_of_opposite_signs(tmp_path: Path, monkey
     monkeypatch.setattr(screen_mod, "screen_margin", lambda *args: tight)
     with EmbeddingIndex.create(tmp_path / "ix", 4) as index:
         index.append(rows)
-    fast = EmbeddingIndex.open(tmp_path / "ix")
+    fast = EmbeddingIndex.open(tmp_path / "ix", exact_path="screen")
     assert fast.search(query, top_k=1).ids.tolist() == [1]
     assert fast._screen.last_candidates >= 0  # the screen answered
+
+
+def test_float32_paths_keep_items_whose_fast_scores_lose_small_terms(tmp_path: Path) -> None:
+    """Rows ±1 that cancel and two tiny terms t: a float32 sum that adds t to a partial sum of ±1 drops it (scores 0
+    or t, by summation order), while the inner product is 2t. With the threshold at 2t every row matches: each path
+    must keep rows whose fast score fell short by up to its error bound, and score them exactly."""
+    gen = torch.Generator().manual_seed(3)
+    t = 2.0 ** -30
+    pattern = torch.tensor([1.0, 1.0, -1.0, -1.0, t, t, 0.0, 0.0])
+    rows = torch.stack([pattern[torch.randperm(8, generator=gen)] for _ in range(200)])
+    rows = torch.cat([rows, torch.zeros(4000, 8)])  # enough rows for every path to run as it would
+    query = torch.ones(8)
+    assert bool(((rows[:200] @ query) < 2 * t).any())  # float32 really loses them in some orders
+    with EmbeddingIndex.create(tmp_path / "ix", 8) as index:
+        index.append(rows)
+    for path in paths_available():
+        found = EmbeddingIndex.open(tmp_path / "ix", exact_path=path).search(query, threshold=2 * t)
+        assert found.ids.tolist() == list(range(200)), path
+        assert set(found.scores.tolist()) == {2 * t}, path
+
+
+def test_top_k_cut_allows_errors_of_opposite_signs() -> None:
+    """``cut_of``: the k-th best fast score may be over-estimated by the margin while a true top-k row is
+    under-estimated by it; the cut sits two margins below the k-th best fast score (one margin loses row 1)."""
+    from logitsep.search.exact import candidates, cut_of
+
+    m = 0.01
+    canonical = np.array([1.0, 1.005, 0.0], np.float32)
+    fast = np.array([1.0 + m, 1.005 - m, 0.0], np.float32)  # row 1 is the true top-1
+    assert 1 in candidates(fast, cut_of(fast, None, 1, m)).tolist()
+    assert 1 not in candidates(fast, float(np.sort(fast)[-1]) - m).tolist()  # one margin is not enough
+    assert canonical.argmax() == 1
+    assert cut_of(fast, 0.5, 1, m) == pytest.approx(1.0 + m - 2 * m)  # the higher of the two cuts
+    assert cut_of(fast, 2.0, 1, m) == pytest.approx(2.0 - m)

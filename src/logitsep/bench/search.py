@@ -15,22 +15,25 @@ hits all of them), after warm-up, all in the same process with the same threads:
 
 * ``bandwidth_gb_per_s``: ``tensor.sum()`` over a tensor as large as the index (a pure streaming read);
 * ``torch.mv``: one matrix-vector product over the whole memory-mapped float32 matrix (no filtering);
-* exact: ``index.search(class_vector, threshold=0)``, which reads the index's float16 screen and re-scores the
-  candidates near the threshold in float32 (``EmbeddingIndex.open``): ``items_per_s``, ``torch_ratio`` =
-  time(torch.mv) / time(search) (≥ 1: no slower than torch), the median of that ratio within each round, and
-  ``gb_per_s``, the bytes it reads (float16 rows plus the re-scored float32 rows) per second, as a share of the
-  bandwidth ``bandwidth_ratio`` (like every ratio here, the median of the ratio within each round, where a slow
-  phase of the machine hits both sides, not a ratio of the two medians); ``float32_equivalent_bandwidth_ratio``:
-  the items per second as float32 bytes (the share of the bandwidth a float32 scan would need to keep up);
-* ``float32 scan``: the same search with ``screen=False`` (one float32 matrix-vector product by numpy's BLAS over
-  the memory map, plus the threshold filter), its ``float32_scan_torch_ratio`` and its share of the bandwidth
-  (``float32_scan_bandwidth_ratio``);
+* every exact path forced in turn (``path screen``, ``path numpy``, ``path torch``, ``path faiss``: the float16
+  screen and the float32 kernels of numpy's BLAS, torch and FAISS; :mod:`logitsep.search.paths`), each with its
+  ``torch_ratio`` = time(torch.mv) / time(path) (≥ 1: no slower than torch) and ``bandwidth_ratio``, the bytes it
+  reads (float16 rows plus the candidates scored from the float32 rows, or every float32 row) per second as a
+  share of the bandwidth; like every ratio here, the median of the ratio within each round, where a slow phase of
+  the machine hits both sides, not a ratio of two medians;
+* exact: ``index.search(class_vector, threshold=0)`` on an index opened with the default ``exact_path="auto"``:
+  the path it measured and chose on this machine (``chosen_path``; ``chosen_batch_path`` for 16 queries in one
+  call), ``items_per_s``, ``torch_ratio``, ``bandwidth_ratio``; ``float32_equivalent_bandwidth_ratio``: its items
+  per second as float32 bytes (the share of the bandwidth a float32 scan would need to keep up);
+* ``float32 scan``: the same search with ``screen=False`` (the fastest float32 kernel here);
 * IVF (``IndexIVFFlat``, inner product, ``--nlist`` lists) for each ``nprobe`` of ``--nprobes``: recall of the
   threshold query's items and of the top-100 against the exact search, and the speed-up per query (one query
   per call for both; batched calls are reported too).
 
-Targets (issue 5) at N = 10⁶, d = 512: exact scan ≥ 75% of the measured bandwidth and ``torch_ratio ≥ 1``; the
-IVF index ≥ 10× faster than the exact scan at recall ≥ 0.95 (reported for the smallest such ``nprobe``).
+Targets (issues 5 and 20) at N = 10⁶, d = 512, on every CPU: the default exact search ≥ 75% of the measured
+bandwidth and ``torch_ratio ≥ 1``; the IVF index ≥ 10× faster than the exact scan at recall ≥ 0.95 (reported for
+the smallest such ``nprobe``). Files: ``OUT/search-<cpu>.{csv,json,png}``, the CPU's model name in the file name,
+so that the figures of every machine the benchmark ran on sit side by side.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -51,8 +55,11 @@ import torch
 
 from ..core.files import json_default
 from ..core.plots import pyplot, save_figure
+from ..core.provenance import cpu_model
 from ..core.tables import text_table
 from ..search import EmbeddingIndex, SearchResult
+from ..search.paths import SINGLE_PATHS
+from ..search.scan import faiss_available
 from ._common import environment, paired_ratio, steady_allocator, write_results
 
 TARGET_BANDWIDTH = 0.75
@@ -82,6 +89,17 @@ def make_data(folder: str | Path, items: int, dim: int, classes: int, noise: flo
             index.append(rows)
     queries = np.concatenate([means, np.full((classes, 1), -0.5, np.float32)], axis=1)
     return EmbeddingIndex.open(folder), torch.from_numpy(queries)
+
+
+def cpu_slug() -> str:
+    """The CPU's model name as a file name part: ``amd-epyc-7b13``, ``intel-xeon-platinum-8481c``."""
+    words = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*|\d+-core", " ", cpu_model().lower())
+    return "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
+
+
+def exact_paths() -> list[str]:
+    """The exact search paths this machine can run (FAISS's only with the ``[search]`` extra)."""
+    return [p for p in SINGLE_PATHS if p != "faiss" or faiss_available()]
 
 
 def _pooled_recall(found: Sequence[SearchResult], exact: Sequence[SearchResult]) -> float:
@@ -153,7 +171,8 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
              seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     n, nbytes = len(index), len(index) * index.row_bytes
     matrix = index.vectors
-    plain = EmbeddingIndex.open(index.path, screen=False)  # the same vectors, scanned in float32 only
+    plain = EmbeddingIndex.open(index.path, screen=False)  # the same vectors, float32 paths only
+    forced = {p: EmbeddingIndex.open(index.path, exact_path=p) for p in exact_paths()}
     probe_bytes = max(nbytes, 64 << 20)  # the bandwidth probe: as large as the index (at least 64 MiB)
     big = torch.empty(probe_bytes // 4).uniform_()
     q0 = q[0].contiguous()
@@ -161,17 +180,24 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
               "exact threshold": lambda: index.search(q0, threshold=0.0),
               f"exact top-{TOP_K}": lambda: index.search(q0, top_k=TOP_K),
               "float32 scan threshold": lambda: plain.search(q0, threshold=0.0)}
-    rounds = _rounds(single, repeats)
+    for p, ix in forced.items():
+        single[f"path {p}"] = lambda ix=ix: ix.search(q0, threshold=0.0)
+    rounds = _rounds(single, repeats)  # the warm-up call of the auto index measures and chooses its path
     t = _medians(rounds)
-    # bytes an exact search reads: the float16 rows plus the candidates re-scored from the float32 rows, or every
-    # float32 row where the screen stepped aside (too many candidates, values out of float16's range)
-    read: dict[str, float] = {"tensor.sum": probe_bytes, "torch.mv": nbytes, "float32 scan threshold": nbytes}
-    answered: dict[str, bool] = {}
-    for name in ("exact threshold", f"exact top-{TOP_K}"):
-        single[name]()
-        candidates = -1 if index._screen is None else index._screen.last_candidates
-        answered[name] = candidates >= 0
-        read[name] = n * index.dim * 2 + candidates * index.row_bytes if candidates >= 0 else nbytes
+    chosen = index.last_path
+
+    def bytes_read(ix: EmbeddingIndex, search: Callable[[], object]) -> float:
+        """Bytes a search reads: the float16 rows plus the candidates scored from the float32 rows when the screen
+        answered, else every float32 row."""
+        search()
+        candidates = -1 if ix._screen is None or ix.last_path != "screen" else ix._screen.last_candidates
+        return n * index.dim * 2 + candidates * index.row_bytes if candidates >= 0 else nbytes
+
+    read: dict[str, float] = {"tensor.sum": probe_bytes, "torch.mv": nbytes, "float32 scan threshold": nbytes,
+                              "exact threshold": bytes_read(index, single["exact threshold"]),
+                              f"exact top-{TOP_K}": bytes_read(index, single[f"exact top-{TOP_K}"])}
+    for p, ix in forced.items():
+        read[f"path {p}"] = bytes_read(ix, single[f"path {p}"])
     single.clear()  # frees the probe tensor
     bandwidth = probe_bytes / t["tensor.sum"] / 1e9
     rows: list[dict[str, Any]] = []
@@ -179,28 +205,35 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
         rows.append({"method": name, "nprobe": None, "ms_per_query": 1e3 * seconds,
                      "gb_per_s": read[name] / seconds / 1e9,
                      "items_per_s": n / seconds if name != "tensor.sum" else None,
-                     "recall_threshold": 1.0 if name.startswith(("exact", "float32")) else None, "recall_top_k": None,
-                     "speedup_vs_exact": None, "scanned_fraction": 1.0})
+                     "torch_ratio": paired_ratio(rounds["torch.mv"], rounds[name]) if name != "tensor.sum" else None,
+                     "bandwidth_ratio": read[name] / probe_bytes * paired_ratio(rounds["tensor.sum"], rounds[name]),
+                     "recall_threshold": 1.0 if name.startswith(("exact", "float32", "path")) else None,
+                     "recall_top_k": None, "speedup_vs_exact": None, "scanned_fraction": 1.0})
     exact_s = t["exact threshold"]
+    by_method = {r["method"]: r for r in rows}
     summary = {"items_per_s": n / exact_s, "gb_per_s": read["exact threshold"] / exact_s / 1e9,
-               "bandwidth_gb_per_s": bandwidth, "screened": answered["exact threshold"],
-               "torch_ratio": paired_ratio(rounds["torch.mv"], rounds["exact threshold"]),
-               "float32_scan_torch_ratio": paired_ratio(rounds["torch.mv"], rounds["float32 scan threshold"]),
-               # shares of the bandwidth, paired like torch_ratio: (bytes / t) / (probe bytes / t_sum), round by round
-               "float32_scan_bandwidth_ratio": nbytes / probe_bytes * paired_ratio(
-                   rounds["tensor.sum"], rounds["float32 scan threshold"])}
-    to_sum = paired_ratio(rounds["tensor.sum"], rounds["exact threshold"])
-    summary["bandwidth_ratio"] = read["exact threshold"] / probe_bytes * to_sum
+               "bandwidth_gb_per_s": bandwidth, "chosen_path": chosen, "screened": chosen == "screen",
+               "torch_ratio": by_method["exact threshold"]["torch_ratio"],
+               "bandwidth_ratio": by_method["exact threshold"]["bandwidth_ratio"],
+               "float32_scan_torch_ratio": by_method["float32 scan threshold"]["torch_ratio"],
+               "float32_scan_bandwidth_ratio": by_method["float32 scan threshold"]["bandwidth_ratio"],
+               "paths": {p: {k: by_method[f"path {p}"][k] for k in ("ms_per_query", "torch_ratio", "bandwidth_ratio")}
+                         for p in forced},
+               "cpu": cpu_model()}
     # items per second as float32 bytes: the share of the bandwidth a float32 scan would need to keep up
-    summary["float32_equivalent_bandwidth_ratio"] = nbytes / probe_bytes * to_sum
+    summary["float32_equivalent_bandwidth_ratio"] = nbytes / probe_bytes * paired_ratio(rounds["tensor.sum"],
+                                                                                        rounds["exact threshold"])
     plain.close()
-    log(f"bandwidth (tensor.sum) {bandwidth:.1f} GB/s; torch.mv {nbytes / t['torch.mv'] / 1e9:.1f} GB/s; exact "
-        f"search {summary['gb_per_s']:.1f} GB/s read ({summary['bandwidth_ratio']:.0%} of bandwidth, "
-        f"x{summary['torch_ratio']:.2f} torch.mv); float32 scan x{summary['float32_scan_torch_ratio']:.2f} torch.mv "
-        f"({summary['float32_scan_bandwidth_ratio']:.0%} of bandwidth)")
+    for ix in forced.values():
+        ix.close()
+    log(f"bandwidth (tensor.sum) {bandwidth:.1f} GB/s; torch.mv {nbytes / t['torch.mv'] / 1e9:.1f} GB/s; "
+        + "; ".join(f"{p} x{v['torch_ratio']:.2f} torch.mv ({v['bandwidth_ratio']:.0%} of bandwidth)"
+                    for p, v in summary["paths"].items())
+        + f"; chosen: {chosen}, x{summary['torch_ratio']:.2f} torch.mv ({summary['bandwidth_ratio']:.0%})")
 
     # the batch: every query one at a time, and all of them in one call (one scan)
     exact_thr = index.search(q, threshold=0.0)
+    summary["chosen_batch_path"] = index.last_path
     exact_top = index.search(q, top_k=TOP_K)
     loops = {"exact one by one": lambda: [index.search(v, threshold=0.0) for v in q],
              "exact batched": lambda: index.search(q, threshold=0.0)}
@@ -230,7 +263,8 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
                      "nprobe": None, "ms_per_query": 1e3 * lt[name] / nq,
                      "gb_per_s": None if "one by one" in name else nq * nbytes / lt[name] / 1e9,
                      "items_per_s": nq * n / lt[name], "recall_threshold": 1.0, "recall_top_k": 1.0,
-                     "speedup_vs_exact": exact_one / (lt[name] / nq), "scanned_fraction": 1.0})
+                     "speedup_vs_exact": exact_one / (lt[name] / nq), "scanned_fraction": 1.0,
+                     "torch_ratio": None, "bandwidth_ratio": None})
     best = None
     for p in probes:
         approx.nprobe = p
@@ -243,7 +277,8 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
             row = {"method": f"ivf, {mode}", "nprobe": p, "ms_per_query": 1e3 * per_query, "gb_per_s": None,
                    "items_per_s": None, "recall_threshold": recall, "recall_top_k": recall_top,
                    "speedup_vs_exact": exact_one / per_query if mode == "one by one"
-                   else (lt["exact batched"] / nq) / per_query, "scanned_fraction": scanned}
+                   else (lt["exact batched"] / nq) / per_query, "scanned_fraction": scanned,
+                   "torch_ratio": None, "bandwidth_ratio": None}
             rows.append(row)
             if mode == "one by one":
                 log(f"IVF nprobe {p:>3}: recall {recall:.4f} (top-{TOP_K} {recall_top:.4f}), "
@@ -272,7 +307,8 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Pa
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"tensor.sum": "tab:gray", "torch.mv": "tab:blue", "float32 scan threshold": "tab:orange",
-               "exact threshold": "tab:green", f"exact top-{TOP_K}": "tab:green"}
+               "exact threshold": "tab:green", f"exact top-{TOP_K}": "tab:green",
+               **{f"path {p}": "tab:olive" for p in SINGLE_PATHS}}
     scans = [r for r in rows if r["method"] in colours]
     # items per second, as GB/s of float32 rows: the speed of a scan that reads every float32 row
     left.barh([r["method"] for r in scans], [r["items_per_s"] * summary["stored_dim"] * 4 / 1e9
@@ -280,9 +316,10 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Pa
               color=[colours[r["method"]] for r in scans])
     left.axvline(summary["bandwidth_gb_per_s"], color="black", ls="--", lw=0.8)
     left.set_xlabel("float32 rows searched per second, in GB/s (dashed: the tensor.sum bandwidth;\n"
-                    "the exact search reads a float16 screen, half the bytes, then re-scores candidates)", fontsize=8)
-    left.set_title(f"Exact scan, {summary['items']:,} × {summary['stored_dim']} float32, "
-                   f"{summary['threads']} threads", fontsize=10)
+                    "the float16 screen reads half the bytes, then scores candidates in float32)", fontsize=8)
+    left.set_title(f"Exact search, {summary['items']:,} × {summary['stored_dim']} float32, "
+                   f"{summary['threads']} threads\n{summary['cpu']}; auto chose: {summary['chosen_path']}",
+                   fontsize=9)
     ivf = sorted((r for r in rows if r["method"] == "ivf, one by one"), key=lambda r: r["nprobe"])
     if ivf:
         right.plot([r["speedup_vs_exact"] for r in ivf], [r["recall_threshold"] for r in ivf], "o-",
@@ -326,10 +363,11 @@ def cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--nprobes must be comma-separated integers, got {args.nprobes!r}") from None
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     result = run(items=args.items, dim=args.dim, classes=args.classes, queries=args.queries, noise=args.noise,
-                 nlist=args.nlist, nprobes=nprobes, repeats=args.repeats, out=f"{args.out}/search",
+                 nlist=args.nlist, nprobes=nprobes, repeats=args.repeats, out=f"{args.out}/search-{cpu_slug()}",
                  tmp_dir=args.tmp_dir, log=log)
     if args.json:
-        keys = ["items_per_s", "gb_per_s", "bandwidth_gb_per_s", "torch_ratio", "bandwidth_ratio", "screened",
+        keys = ["cpu", "chosen_path", "chosen_batch_path", "paths", "items_per_s", "gb_per_s", "bandwidth_gb_per_s",
+                "torch_ratio", "bandwidth_ratio", "screened",
                 "float32_scan_torch_ratio", "float32_scan_bandwidth_ratio", "float32_equivalent_bandwidth_ratio",
                 "exact_ms_per_query", "exact_batched_ms_per_query", "approximate", "targets"]
         print(json.dumps({k: result[k] for k in keys}, indent=2, default=json_default))
@@ -340,7 +378,8 @@ def cli(args: argparse.Namespace) -> int:
                        "" if r["speedup_vs_exact"] is None else f"x{r['speedup_vs_exact']:.1f}"]
                       for r in result["rows"]],
                      ["method", "nprobe", "ms/query", "GB/s", "recall", "speed-up"]))
-    print(f"exact search: {result['gb_per_s']:.1f} GB/s read = {result['bandwidth_ratio']:.0%} of the measured "
-          f"{result['bandwidth_gb_per_s']:.1f} GB/s; x{result['torch_ratio']:.2f} the speed of torch.mv")
+    print(f"{result['cpu']}: exact search ({result['chosen_path']}, chosen by measurement): {result['gb_per_s']:.1f} "
+          f"GB/s read = {result['bandwidth_ratio']:.0%} of the measured {result['bandwidth_gb_per_s']:.1f} GB/s; "
+          f"x{result['torch_ratio']:.2f} the speed of torch.mv")
     print("wrote " + ", ".join(result.get("files", [])))
     return 0

@@ -1,8 +1,8 @@
 """The exact float16 screen: an exact search at half the bytes read.
 
 A float16 copy of an index's rows, held in memory, is scanned first; only the candidates whose float16 score is
-within a proven error bound (:func:`screen_margin`) of the cut are re-scored in float32. No item of the exact
-answer can be left out, so the result is the float32 scan's (:class:`Screen`).
+within a proven error bound (:func:`screen_margin`) of the cut are scored again, canonically (:mod:`.exact`). No item
+of the exact answer can be left out, so the result is every exact path's (:class:`Screen`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .select import SearchResult, select
+from .exact import canonical_error, finish, max_row_norm
+from .select import SearchResult
 
 _U16 = 2.0 ** -11  # unit roundoff of float16 (round to nearest)
 _U32 = 2.0 ** -24  # unit roundoff of float32
 _E16 = 2.0 ** -25  # half the spacing of float16's subnormal numbers: the absolute rounding error below 2^-14
 F16_ENTRY_LIMIT = 65000.0  # a row or query with a larger entry is not screened (float16 overflows at 65504)
 F16_SCORE_LIMIT = 60000.0  # nor a query whose scores could leave float16's range
-MAX_QUERIES = 4  # more queries in one call: one float32 matrix product beats one float16 pass per query
 _SCREEN_MAX_FRACTION = 0.1  # more candidates than this fraction of the rows: the plain scan is about as fast
 _SCREEN_BLOCK_ROWS = 16384  # rows converted to float16 per step (bounded temporaries)
 _FP16_MV_CHECKED: list[bool] = []
@@ -77,10 +77,9 @@ class Screen:
     An exact query reads the float16 rows once (torch's float16 matrix-vector product on CPU streams them faster
     than float32 per byte, and there are half as many bytes), keeps the candidates whose float16 score is within
     :func:`screen_margin` of the cut (the threshold, or the k-th best float16 score minus a second margin), and
-    re-scores only those from the float32 rows. No item of the exact answer can be left out by the screen: the
-    result is that of a float32 scan (the same float32 dot products; summed in another order than one long
-    matrix-vector product, a score may differ from the plain scan's in its last bit, and so may the order of two
-    items within a rounding error of each other). Rows are converted when first searched
+    scores only those again, canonically, from the float32 rows (:func:`~.exact.finish`). No item of the exact
+    answer can be left out by the screen: the result is every exact path's, bit for bit. Rows are converted when
+    first searched
     (about 0.3 s per 10⁶ × 513 here) and extended as the index grows; memory: 2 bytes per stored number.
     Falls back to the plain float32 scan when it cannot help or cannot bound its error: an entry beyond float16's
     range, a threshold of −inf, too many candidates, or a float16 product that does not accumulate in float32.
@@ -115,9 +114,7 @@ class Screen:
             if float(block.abs().max()) >= F16_ENTRY_LIMIT:
                 self.usable, self.rows = False, torch.empty(0, dim, dtype=torch.float16)
                 return
-            # ‖v‖ computed in float32 errs by at most (d + 2)·u32 relative: inflate it by that much
-            norm = float(torch.linalg.vector_norm(block, dim=1).max()) * (1 + (dim + 4) * _U32)
-            self.max_norm = max(self.max_norm, norm)
+            self.max_norm = max(self.max_norm, max_row_norm(block))
             self.rows[start:start + len(block)] = block
         self.count = n
 
@@ -131,7 +128,8 @@ class Screen:
         if (not self.usable or self.count != n or n == 0 or float(query.abs().max()) >= F16_ENTRY_LIMIT
                 or 1.01 * self.max_norm * query_norm >= F16_SCORE_LIMIT):
             return None
-        margin = screen_margin(dim, self.max_norm, query_norm)
+        # fast scores within screen_margin of the true inner product, canonical ones within canonical_error
+        margin = screen_margin(dim, self.max_norm, query_norm) + canonical_error(dim, self.max_norm * query_norm)
         scores16 = torch.mv(self.rows[:n], query.half())
         cut = -math.inf if threshold is None else threshold - margin
         if top_k is not None:  # every exact top-k item scores ≥ (k-th best float16 score) − 2·margin in float16
@@ -143,5 +141,4 @@ class Screen:
         if len(candidates) > _SCREEN_MAX_FRACTION * n:
             return None
         self.last_candidates = len(candidates)
-        exact = torch.mv(data.index_select(0, torch.from_numpy(candidates)), query).numpy()
-        return select(exact, threshold, top_k, ids=candidates, scanned=n)
+        return finish(data, query, candidates, threshold, top_k, n)

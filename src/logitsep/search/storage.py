@@ -7,8 +7,8 @@ fsync, rename, folder fsync). Rows past ``count`` are the remains of an interrup
 and the next writable open truncates them, so a crash leaves only whole, committed items. A failure after the
 rename (in the folder's fsync) keeps the committed rows: the rename was the commit.
 
-Exact search goes through the float16 screen (:mod:`.screen`) for up to four queries and the float32 scan
-(:mod:`.scan`) otherwise; both return what :func:`.select.select` selects.
+Exact search takes the path measured fastest on this machine (:mod:`.paths`): the float16 screen (:mod:`.screen`)
+or a float32 scan by numpy, torch or FAISS (:mod:`.scan`); every path returns the same answer (:mod:`.exact`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from ..core.files import atomic_write, fsync_dir
-from .scan import scan
-from .screen import MAX_QUERIES, Screen
+from . import paths
+from .exact import RowNorms
+from .scan import faiss_available, scan
+from .screen import Screen
 from .select import SearchResult, as_queries, limit, search_args
 
 FORMAT = "logitsep-embedding-index"
@@ -113,13 +115,21 @@ class EmbeddingIndex:
     (:meth:`search` does so first).
     """
 
-    def __init__(self, path: str | os.PathLike, writable: bool = False, screen: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, writable: bool = False, screen: bool = True,
+                 exact_path: str | None = None) -> None:
         """Use :meth:`open` (or :meth:`create`)."""
         self.path = Path(path)
         self.writable = bool(writable)
         self._fd: int | None = None
         self._screen: Screen | None = None
         self._use_screen = bool(screen)
+        self.exact_path = paths.check_path(exact_path)
+        if self.exact_path == "screen" and not self._use_screen:
+            raise ValueError("exact_path='screen' needs screen=True")
+        if self.exact_path == "faiss" and not faiss_available():
+            raise ValueError("exact_path='faiss' needs FAISS (pip install 'logitsep[search]')")
+        self._norms = RowNorms()
+        self.last_path = ""  # the path that answered the last search (for reports and tests)
         self._header = _read_header(self.path)
         data_path = self.path / DATA
         if not data_path.is_file():
@@ -148,10 +158,11 @@ class EmbeddingIndex:
 
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, meta: dict[str, Any] | None = None,
-               screen: bool = True) -> EmbeddingIndex:
+               screen: bool = True, exact_path: str | None = None) -> EmbeddingIndex:
         """A new, empty index of ``dim``-dimensional vectors at ``path`` (which must not exist, or be an empty
         folder), opened writable. ``meta``: JSON-serialisable facts kept in the header (e.g. the run it came from).
-        The folder appears complete or not at all (built beside it, then renamed). ``screen``: as in :meth:`open`."""
+        The folder appears complete or not at all (built beside it, then renamed). ``screen``, ``exact_path``: as in
+        :meth:`open`."""
         if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, np.integer)) or int(dim) < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if meta is not None and not isinstance(meta, dict):
@@ -173,19 +184,22 @@ class EmbeddingIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(path, writable=True, screen=screen)
+        return cls(path, writable=True, screen=screen, exact_path=exact_path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, writable: bool = False, screen: bool = True) -> EmbeddingIndex:
+    def open(cls, path: str | os.PathLike, writable: bool = False, screen: bool = True,
+             exact_path: str | None = None) -> EmbeddingIndex:
         """Open the index at ``path``. Read-only by default; ``writable=True`` takes the writer's lock and cuts
         off the uncommitted rows of an interrupted append. A missing header → FileNotFoundError; an empty,
         corrupt or truncated index → ValueError naming the file (nothing on disk is changed).
 
-        ``screen`` (default True): exact searches of up to four queries read a float16 copy of the rows held in
-        memory (half the bytes; built at the first search, 2 bytes per stored number) and re-score the few
-        candidates near the cut in float32 (:class:`~.screen.Screen`); the results are those of the float32 scan.
-        ``screen=False`` scans the float32 memory map only (no extra memory)."""
-        return cls(path, writable=writable, screen=screen)
+        ``exact_path``: how exact searches compute their scores: ``"auto"`` (the default, unless
+        ``$LOGITSEP_EXACT_PATH`` says otherwise) measures the paths on the first searches and keeps the fastest on
+        this machine (:mod:`~.paths`); ``"screen"`` (a float16 copy of the rows held in memory, half the bytes read,
+        2 bytes per stored number, :class:`~.screen.Screen`), ``"numpy"``, ``"torch"`` or ``"faiss"`` (float32 scans
+        of the memory map, :mod:`~.scan`) force one. Every path returns the same answer, bit for bit.
+        ``screen=False`` leaves the float16 copy out of the choice (no extra memory)."""
+        return cls(path, writable=writable, screen=screen, exact_path=exact_path)
 
     def close(self) -> None:
         """Drop the memory map and the writer's lock. Results already returned stay valid (they are copies)."""
@@ -336,19 +350,66 @@ class EmbeddingIndex:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         if self._fd is None:
             self.refresh()
-        if chunk_rows is not None or not self._use_screen or not 1 <= q.shape[0] <= MAX_QUERIES:
-            results = scan(self._data, q, thresholds, k, chunk_rows)
+        if chunk_rows is not None:
+            results = scan(self._data, q, thresholds, k, chunk_rows, max_norm=self._norms.extend(self._data))
         else:
-            if self._screen is None:
-                self._screen = Screen(self.dim)
-            self._screen.extend(self._data)
-            results = []
-            for j in range(q.shape[0]):
-                found = self._screen.search(self._data, q[j], limit(thresholds, j), k)
-                results.append(found if found is not None else
-                               scan(self._data, q[j:j + 1], None if thresholds is None else thresholds[j:j + 1],
-                                    k)[0])
+            path = self._path_for(q, thresholds, k)
+            results = self._search_with(path, q, thresholds, k)
+            self.last_path = path
         return results[0] if single else results
+
+    def _single_paths(self) -> tuple[str, ...]:
+        usable = self._use_screen and (self._screen is None or self._screen.usable)
+        return tuple(p for p in paths.SINGLE_PATHS
+                     if (p != "screen" or usable) and (p != "faiss" or faiss_available()))
+
+    def _path_for(self, q: Tensor, thresholds: Tensor | None, k: int | None) -> str:
+        """The path of this search: forced by ``exact_path``, or measured (:func:`.paths.choose`)."""
+        n, m = len(self), q.shape[0]
+        if m == 1:
+            return self._single(q, thresholds, k)
+        if self.exact_path in paths.BATCH_PATHS:
+            return self.exact_path
+        if self.exact_path == "screen":
+            return "loop"
+        if n < paths.MIN_MEASURED_ROWS:
+            return "numpy"
+        kernels = tuple(p for p in self._single_paths() if p in paths.BATCH_PATHS) + ("loop",)
+        runners = {p: (lambda p=p: self._search_with(p, q, thresholds, k)) for p in kernels}
+        return paths.choose(paths.key_of("batch", n, self.dim, m, kernels), runners).path
+
+    def _single(self, q: Tensor, thresholds: Tensor | None, k: int | None) -> str:
+        """The one-query path (measured on this one-query search when not yet chosen)."""
+        if self.exact_path != "auto":
+            return self.exact_path
+        if len(self) < paths.MIN_MEASURED_ROWS:
+            return "numpy"
+        candidates = self._single_paths()
+        runners = {p: (lambda p=p: self._search_with(p, q, thresholds, k)) for p in candidates}
+        choice = paths.choose(paths.key_of("single", len(self), self.dim, 1, candidates), runners)
+        if choice.path != "screen":
+            self._screen = None  # measured and not chosen: its float16 copy is not kept
+        return choice.path
+
+    def _search_with(self, path: str, q: Tensor, thresholds: Tensor | None, k: int | None) -> list[SearchResult]:
+        """Every query of ``q`` answered by ``path`` (the answer does not depend on it)."""
+        norm = self._norms.extend(self._data)
+        if path in ("numpy", "torch", "faiss"):
+            return scan(self._data, q, thresholds, k, kernel=path, max_norm=norm)
+        if path == "loop":
+            one = self._single(q[:1], None if thresholds is None else thresholds[:1], k)
+            return [self._search_with(one, q[j:j + 1], None if thresholds is None else thresholds[j:j + 1], k)[0]
+                    for j in range(q.shape[0])]
+        if self._screen is None:
+            self._screen = Screen(self.dim)
+        self._screen.extend(self._data)
+        results = []
+        for j in range(q.shape[0]):
+            found = self._screen.search(self._data, q[j], limit(thresholds, j), k)
+            results.append(found if found is not None else  # the screen steps aside: a float32 scan answers
+                           scan(self._data, q[j:j + 1], None if thresholds is None else thresholds[j:j + 1], k,
+                                max_norm=norm)[0])
+        return results
 
     def approximate(self, kind: str = "ivf", **params: Any) -> Any:
         """A FAISS index over the current vectors for sub-linear search

@@ -8,6 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..search.exact import canonical_scores
+
 
 class ScoreCache:
     """Logit columns ``z_c(item)`` of the classes searched lately, over the committed items of the index.
@@ -43,8 +45,8 @@ class ScoreCache:
                     grown = np.empty(max(n, 2 * len(values)), np.float32)
                     grown[:count] = values[:count]
                     entry[1] = values = grown
-                with torch.inference_mode():
-                    values[count:n] = torch.mv(data[count:n], torch.from_numpy(vector)).numpy()
+                # the scores every exact search path returns (search.exact), so a cached answer equals a scanned one
+                values[count:n] = canonical_scores(data[count:n], vector)
                 entry[2] = n
             column = values[:n]  # rows < n are never written again: safe to read while others extend it
         with self._lock:
