@@ -8,7 +8,10 @@ inner-product range query and "the best items of class c" a top-k query.
 * :mod:`.storage`: :class:`EmbeddingIndex`, the on-disk index (memory-mapped, durable appends, exact search);
 * :mod:`.select`: :class:`SearchResult` and the one selection rule every path ends in (threshold / top-k, ties
   by id), and the checks of a search's arguments;
-* :mod:`.scan`: the exact float32 scan; :mod:`.screen`: the exact float16 screen (half the bytes read);
+* :mod:`.exact`: what every exact path ends in (candidates within proven error bounds, canonical scores), so all
+  paths return the same answer; :mod:`.paths`: which path is fastest on this machine, measured and cached;
+* :mod:`.scan`: the exact float32 scan (numpy, torch or FAISS kernels); :mod:`.screen`: the exact float16 screen
+  (half the bytes read);
 * :mod:`.approximate`: :class:`ApproximateIndex`, FAISS IVF (the ``[search]`` extra);
 * :mod:`.classes`: :class:`ClassSearch` (by class index or name, refusing an index of another head), and the
   item / class vectors of a head;
