@@ -295,8 +295,8 @@ def test_bad_images_are_refused_and_nothing_is_added(client: TestClient, images:
 
 
 @pytest.mark.parametrize(("method", "url", "body", "status", "message"), [
-    ("get", "/search?class_id=10", None, 422, "unknown class_id 10"),
-    ("get", "/search?class_id=-1", None, 422, "unknown class_id -1"),
+    ("get", "/search?class_id=10", None, 404, "unknown class_id 10"),  # no such class: 404 (issue 20)
+    ("get", "/search?class_id=-1", None, 422, "greater than or equal to 0"),  # outside the schema
     ("get", "/search?class_id=abc", None, 422, "class_id (query)"),
     ("get", "/search", None, 422, "class_id (query): Field required"),
     ("get", "/search?class_id=1&threshold=abc", None, 422, "threshold (query)"),
@@ -304,9 +304,9 @@ def test_bad_images_are_refused_and_nothing_is_added(client: TestClient, images:
     ("get", "/search?class_id=1&threshold=inf", None, 422, "finite number"),
     ("get", "/search?class_id=1&top_k=0", None, 422, "top_k (query)"),
     ("get", "/search?class_id=1&top_k=1.5", None, 422, "top_k (query)"),
-    ("get", "/stream?class_id=99", None, 422, "unknown class_id 99"),
+    ("get", "/stream?class_id=99", None, 404, "unknown class_id 99"),
     ("get", "/stream?class_id=1&threshold=x", None, 422, "threshold (query)"),
-    ("post", "/query", {"class_id": 12, "image": "AAAA"}, 422, "unknown class_id 12"),
+    ("post", "/query", {"class_id": 12, "image": "AAAA"}, 404, "unknown class_id 12"),
     ("post", "/query", {"class_id": "3", "image": "AAAA"}, 422, "class_id: Input should be a valid integer"),
     ("post", "/query", {"class_id": True, "image": "AAAA"}, 422, "class_id"),
     ("post", "/query", {"image": "AAAA"}, 422, "class_id: Field required"),

@@ -205,7 +205,7 @@ def test_ingest_search_and_stream(server: Server, run_dir: Path, images: np.ndar
 
 def test_heartbeat_comment_and_bad_stream_request(server: Server) -> None:
     r = httpx.get(f"{server.base}/stream", params={"class_id": 42}, timeout=10)
-    assert r.status_code == 422 and "unknown class_id 42" in r.json()["error"]
+    assert r.status_code == 404 and "unknown class_id 42" in r.json()["error"]
     listener = Listener(f"{server.base}/stream?class_id=1", ingests=1)
     listener.start()
     assert wait_for(lambda: bool(listener.comments))  # the opening comment arrives at once

@@ -93,7 +93,7 @@ def test_bad_enrollments_get_4xx_and_change_nothing(run_dir: Path, tmp_path: Pat
         wrong_size = b64(encode_png(np.zeros((9, 9), dtype=np.uint8)))
         cases = [({"name": "x", "images": []}, 422), ({"name": "", "images": ok}, 422),
                  ({"name": "kept", "images": ok}, 409), ({"name": "3", "images": ok}, 409),
-                 ({"name": "12", "images": ok}, 422), ({"name": "x", "images": [wrong_size]}, 422),
+                 ({"name": "12", "images": ok}, 409), ({"name": "x", "images": [wrong_size]}, 422),
                  ({"name": "x", "images": ["not base64!"]}, 400), ({"name": "x", "images": [b64(b"no png")]}, 400),
                  ({"name": "x", "images": ok * (MAX_IMAGES // 3 + 1)}, 422), ({"name": "x" * 201, "images": ok}, 422),
                  ({"images": ok}, 422), ({"name": 5, "images": ok}, 422)]
@@ -111,11 +111,11 @@ def test_delete_enrolled_only(run_dir: Path, tmp_path: Path, images: np.ndarray)
         c.post("/classes", json={"name": "b", "images": pngs(images[2:4])})
         assert c.delete("/classes/3").status_code == 409
         assert c.delete("/classes/12").status_code == 404
-        assert c.delete("/classes/-1").status_code == 404
+        assert c.delete("/classes/-1").status_code == 422  # outside the schema (ids >= 0)
         r = c.delete("/classes/10")
         assert r.status_code == 200 and r.json() == {"removed": 10, "name": "a"}
         names = [x["name"] for x in c.get("/classes").json()["classes"]]
-        assert names[10:] == ["b"] and c.get("/search", params={"class_id": 11}).status_code == 422
+        assert names[10:] == ["b"] and c.get("/search", params={"class_id": 11}).status_code == 404
         c.app.state.service.close()
     assert SingleLogitClassifier.from_run(run_dir).class_names[10:] == ["b"]
 

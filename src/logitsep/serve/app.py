@@ -19,7 +19,7 @@ from ..core.extras import require
 
 require("fastapi")  # without it: one line naming the [serve] extra, not a traceback
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,9 +27,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..enrollment import MAX_NAME
-from .requests import MAX_IMAGES, BadInput, decode_base64
+from .requests import BASE64_PATTERN, MAX_IMAGES, BadInput, decode_base64
 from .service import Service
 
 MAX_BODY = 8 << 20  # bytes per request body
@@ -38,6 +39,15 @@ CSP = b"default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'"
 
 
 # ------------------------------------------------------------------------------------------------ schema
+# One base64 PNG: the schema states the encoding (pattern, not empty); that the bytes are a PNG the model takes (its
+# size, its mode) JSON Schema cannot say: such a string is refused with 400 (not a PNG) or 422 (another size/mode).
+PNG_BASE64 = {"contentEncoding": "base64", "contentMediaType": "image/png"}
+Image = Annotated[str, Field(min_length=1, pattern=BASE64_PATTERN, json_schema_extra=PNG_BASE64)]
+# A class name: not blank, no control characters (the server also refuses a name in use or one that reads as a
+# number, "12", with 409: they conflict with the existing names and ids).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+
+
 class Health(BaseModel):
     status: str = "ok"
 
@@ -50,9 +60,10 @@ class ClassInfo(BaseModel):
 
 
 class EnrollRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=MAX_NAME, description="the new class's name (not in use, not a number)")
-    images: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_IMAGES,
-                                                              description="base64 PNGs of the new class")
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN,
+                      description="the new class's name: not blank, no control characters; a name in use or one "
+                                  "that reads as a number is refused with 409")
+    images: list[Image] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs of the new class")
 
 
 class EnrollResult(BaseModel):
@@ -97,8 +108,9 @@ class SearchResult(BaseModel):
 
 
 class QueryRequest(BaseModel):
-    class_id: int = Field(strict=True, description="the class to score")
-    image: str = Field(min_length=1, description="base64 PNG of the model's image size")
+    class_id: int = Field(strict=True, ge=0, description="the class to score, 0..k-1 (see /classes); an unknown "
+                                                          "one: 404")
+    image: Image = Field(description="base64 PNG of the model's image size")
     threshold: float | None = Field(None, strict=True, allow_inf_nan=False,
                                     description="default: the global threshold (a number; true/false are refused)")
 
@@ -112,8 +124,7 @@ class QueryResult(BaseModel):
 
 
 class IngestRequest(BaseModel):
-    images: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_IMAGES,
-                                                              description="base64 PNGs")
+    images: list[Image] = Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs")
 
 
 class IngestResult(BaseModel):
@@ -126,8 +137,25 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error}
-                                           for code in (400, 401, 404, 409, 413, 422, 503, 507)}
+ERROR_TEXT = {
+    400: "malformed request: bad JSON, malformed base64, bytes that are not a readable PNG, a Host not served here",
+    401: "missing or wrong bearer token (only when the server has one)",
+    404: "no such class: class_id is not one of the current classes 0..k-1 (enrollment and removal change k at "
+         "run time: see /classes)",
+    409: "conflict: a class name in use or one that reads as a number; removing a trained class",
+    413: "request body too large (the server's --max-body, 8 MiB by default)",
+    422: "a request outside the schema, or an image of another size or mode than the model's",
+    503: "too many stream subscribers",
+    507: "insufficient storage: the disk is full, nothing was added",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Error, "description": ERROR_TEXT[code]} for code in codes}
+
+
+ERRORS = _errors(400, 401, 404, 409, 413, 422, 503, 507)
+CLASS_ERRORS = _errors(400, 404, 413, 422)  # reads that take a class_id
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -208,7 +236,14 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str]:
         where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(raw))
         where = where or (loc[0] if loc else "request")
         source = f" ({loc[0]})" if loc and loc[0] in ("query", "path") else ""
-        parts.append(f"{where}{source}: {e.get('msg', 'invalid')}")
+        message = e.get("msg", "invalid")
+        if e.get("type") == "string_pattern_mismatch":  # the schema's patterns, said in words
+            if raw and raw[0] in ("image", "images"):
+                status, message = 400, ("malformed base64 (padded standard base64, optionally after a "
+                                        "'data:image/png;base64,' prefix)")
+            else:
+                message = "must not be blank nor contain control characters"
+        parts.append(f"{where}{source}: {message}")
     return status, "; ".join(parts) or "invalid request"
 
 
@@ -246,7 +281,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
+            headers = {**(headers or {}), "Allow": ", ".join(_methods(app, request.scope))}
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -256,6 +294,18 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+def _methods(app: FastAPI, scope: dict) -> list[str]:
+    """The methods the routes of a request's path answer (HEAD with GET)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"} if scope.get("type") == "http" else scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def _authorizer(token: str | None) -> Callable[..., None] | None:
@@ -272,7 +322,7 @@ def _authorizer(token: str | None) -> Callable[..., None] | None:
     return authorize
 
 
-ClassId = Annotated[int, Query(description="class id, 0..k-1 (see /classes)")]
+ClassId = Annotated[int, Query(ge=0, description="class id, 0..k-1 (see /classes); an unknown one: 404")]
 Threshold = Annotated[float | None, Query(allow_inf_nan=False, description="default: the global threshold")]
 
 
@@ -291,7 +341,7 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
     async def classes() -> dict[str, Any]:
         return service.classes()
 
-    @app.get("/search", response_model=SearchResult, responses=ERRORS)
+    @app.get("/search", response_model=SearchResult, responses=CLASS_ERRORS)
     async def search(class_id: ClassId, threshold: Threshold = None,
                      top_k: Annotated[int | None, Query(ge=1, le=1_000_000, description="the k best")] = None) -> Any:
         """Items of a class: scores ``>= threshold`` (default: the calibrated global threshold), or the ``top_k``
@@ -299,7 +349,7 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
         result = await run_in_threadpool(service.search, class_id, threshold, top_k)
         return JSONResponse(result)
 
-    @app.post("/query", response_model=QueryResult, responses=ERRORS)
+    @app.post("/query", response_model=QueryResult, responses=CLASS_ERRORS)
     async def query(body: QueryRequest) -> Any:
         """Score one image for one class: embed it and compute **one** logit."""
         service.check_class(body.class_id)
@@ -328,7 +378,7 @@ def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., N
         return await service.in_writer(service.enroll, body.name, pngs)
 
     @app.delete("/classes/{class_id}", response_model=Removed, responses=ERRORS, dependencies=guard)
-    async def remove(class_id: int) -> Any:
+    async def remove(class_id: Annotated[int, Path(ge=0, description="an enrolled class's id")]) -> Any:
         """Remove an enrolled class (409 for a trained one); the enrolled classes after it move down one id."""
         return await service.in_writer(service.remove, class_id)
 
@@ -336,7 +386,7 @@ def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., N
 def _add_stream_route(app: FastAPI, service: Service, heartbeat: float) -> None:
     """``/stream``: server-sent events."""
 
-    @app.get("/stream", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    @app.get("/stream", responses={**_errors(400, 404, 413, 422, 503), 200: {"content": {"text/event-stream": {}}}},
              response_class=StreamingResponse)
     async def stream(class_id: ClassId, threshold: Threshold = None) -> StreamingResponse:
         """Server-sent events: ``match`` ``{"id", "score", "class_id", "class", "time"}`` for each new item scoring

@@ -18,6 +18,10 @@ from ..core.checks import check_top_k as _top_k_value
 from ..core.images import InvalidImage, UnsupportedImage, decode_png
 
 MAX_IMAGES = 1024  # images per /ingest request (inclusive)
+# What :func:`decode_base64` accepts, as a pattern for the API schema (and its validation): an optional
+# ``data:...,`` prefix, then non-empty padded base64 (standard alphabet, no whitespace).
+BASE64_PATTERN = (r"^(?:data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*"
+                  r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
 
 
 class BadInput(ValueError):
@@ -32,11 +36,14 @@ class BadInput(ValueError):
 
 
 def check_class_id(class_id: object, num_classes: int) -> int:
-    """A class id: an ``int`` (not a ``bool``) in ``[0, k)`` (:func:`logitsep.core.checks.check_class`)."""
+    """A class id: an ``int`` (not a ``bool``) in ``[0, k)`` (:func:`logitsep.core.checks.check_class`). An integer
+    outside the range is a 404 (no such class: enrollment changes ``k`` at run time, so the schema cannot bound
+    it), anything else a 422."""
     try:
         return check_class(class_id, num_classes, name="class_id")
     except (TypeError, ValueError) as err:
-        raise BadInput(str(err)) from None
+        missing = isinstance(class_id, int) and not isinstance(class_id, bool)
+        raise BadInput(str(err), 404 if missing else 422) from None
 
 
 def check_threshold(threshold: object) -> float:

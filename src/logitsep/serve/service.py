@@ -221,7 +221,9 @@ class Service:
         try:
             name = check_name(name, self.class_names)
         except (TypeError, ValueError) as err:
-            raise BadInput(str(err), 409 if isinstance(name, str) and name in self.class_names else 422) from None
+            # in use, or a number (it would read as a class id): a conflict (409); otherwise outside the schema (422)
+            conflict = isinstance(name, str) and (name in self.class_names or name.strip().isdigit())
+            raise BadInput(str(err), 409 if conflict else 422) from None
         pixels = self.decode(pngs)
         x = inputs_from_images(pixels, self.input_shape)
         with self._write_lock, _disk_full_is_507():  # one change of the classes at a time
