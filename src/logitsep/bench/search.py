@@ -102,7 +102,7 @@ def exact_paths() -> list[str]:
     return [p for p in SINGLE_PATHS if p != "faiss" or faiss_available()]
 
 
-def _pooled_recall(found: Sequence[SearchResult], exact: Sequence[SearchResult]) -> float:
+def pooled_recall(found: Sequence[SearchResult], exact: Sequence[SearchResult]) -> float:
     """Σ |found ∩ exact| / Σ |exact| over the queries (1.0 when the exact results are all empty)."""
     total = sum(len(e) for e in exact)
     hits = sum(len(np.intersect1d(f.ids, e.ids)) for f, e in zip(found, exact, strict=True))
@@ -115,7 +115,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def search_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Seconds of each function in each of ``repeats`` interleaved rounds, after one warm-up call each.
 
     A short pause precedes every call: torch and FAISS each bring an OpenMP runtime whose idle threads keep
@@ -182,7 +182,7 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
               "float32 scan threshold": lambda: plain.search(q0, threshold=0.0)}
     for p, ix in forced.items():
         single[f"path {p}"] = lambda ix=ix: ix.search(q0, threshold=0.0)
-    rounds = _rounds(single, repeats)  # the warm-up call of the auto index measures and chooses its path
+    rounds = search_rounds(single, repeats)  # the warm-up call of the auto index measures and chooses its path
     t = _medians(rounds)
     chosen = index.last_path
 
@@ -255,7 +255,7 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
             return approx.search(q, threshold=0.0)
 
         loops[f"ivf {p} one by one"], loops[f"ivf {p} batched"] = one_by_one, batched
-    lt = _medians(_rounds(loops, repeats))
+    lt = _medians(search_rounds(loops, repeats))
     nq = len(q)
     exact_one = lt["exact one by one"] / nq
     for name in ("exact one by one", "exact batched"):
@@ -270,7 +270,7 @@ def _measure(index: EmbeddingIndex, q: torch.Tensor, nlist: int | None, nprobes:
         approx.nprobe = p
         found = approx.search(q, threshold=0.0)
         found_top = approx.search(q, top_k=TOP_K)
-        recall, recall_top = _pooled_recall(found, exact_thr), _pooled_recall(found_top, exact_top)
+        recall, recall_top = pooled_recall(found, exact_thr), pooled_recall(found_top, exact_top)
         scanned = float(np.mean([r.scanned for r in found])) / n
         for mode in ("one by one", "batched"):
             per_query = lt[f"ivf {p} {mode}"] / nq
