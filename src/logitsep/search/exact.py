@@ -27,17 +27,21 @@ _TINY32 = 2.0 ** -149  # float32's smallest subnormal: the absolute error of a p
 _BLOCK_ROWS = 16384  # rows scored per step by canonical_scores and RowNorms (bounded float64 temporaries)
 
 
-def canonical_scores(rows: Tensor | np.ndarray, query: Tensor | np.ndarray) -> np.ndarray:
-    """``rows @ query`` (float32 ``[m, d]`` and ``[d]``) as float32: the products are exact in float64, summed by
-    numpy's pairwise summation along each row (one thread, an order fixed by ``d`` alone), rounded once. The result
-    depends only on a row and the query, never on which other rows are scored with it or on the machine's BLAS."""
+def canonical_scores(rows: Tensor | np.ndarray, query: Tensor | np.ndarray,
+                     ids: np.ndarray | None = None) -> np.ndarray:
+    """``rows @ query`` (float32 ``[m, d]`` and ``[d]``; only the rows ``ids`` when given) as float32: the products
+    are exact in float64, summed by numpy's pairwise summation along each row (one thread, an order fixed by ``d``
+    alone), rounded once. A row's score depends only on the row and the query, never on which other rows are scored
+    with it or on the machine's BLAS. Memory: one block of float64 products (bounded), whatever ``m``."""
     rows = rows.numpy() if isinstance(rows, Tensor) else np.asarray(rows)
     q = (query.numpy() if isinstance(query, Tensor) else np.asarray(query)).astype(np.float64)
-    out = np.empty(len(rows), np.float32)
-    for start in range(0, len(rows), _BLOCK_ROWS):
-        block = rows[start:start + _BLOCK_ROWS].astype(np.float64)
-        block *= q
-        out[start:start + len(block)] = np.add.reduce(block, axis=1)
+    count = len(rows) if ids is None else len(ids)
+    out = np.empty(count, np.float32)
+    buf = np.empty((min(count, _BLOCK_ROWS), len(q)), np.float64)
+    for start in range(0, count, _BLOCK_ROWS):
+        block = rows[start:start + _BLOCK_ROWS] if ids is None else rows[ids[start:start + _BLOCK_ROWS]]
+        products = np.multiply(block, q, out=buf[:len(block)])  # float32 × float64: exact in float64
+        out[start:start + len(block)] = np.add.reduce(products, axis=1)
     return out
 
 
@@ -91,8 +95,9 @@ def finish(data: Tensor, query: Tensor, ids: np.ndarray, threshold: float | None
     """The exact answer among the candidate rows ``ids`` of ``data``: canonical scores, then the one selection
     rule (threshold / top-k, ties by id)."""
     ids = np.asarray(ids, np.int64)
-    rows = data.numpy()[ids] if len(ids) < len(data) else data.numpy()
-    return select(canonical_scores(rows, query), threshold, top_k, ids=ids, scanned=scanned)
+    every = len(ids) == len(data) and bool((ids == np.arange(len(ids))).all())  # every row, in order: no gather
+    scores = canonical_scores(data, query, None if every else ids)
+    return select(scores, threshold, top_k, ids=ids, scanned=scanned)
 
 
 def max_row_norm(block: Tensor) -> float:
