@@ -16,6 +16,7 @@ BENCHMARKS = {
     "classes": "one training step against k: exact losses vs their sampled forms (ms/step, peak memory)",
     "head": "the head alone: all k logits against one class's logit (all_ms, slc_ms, speedup)",
     "search": "exact class search scan rate vs memory bandwidth and torch.mv; FAISS IVF recall and speed-up",
+    "ivf": "FAISS IVF recall and speed-up against the exact search on a trained run's embeddings of its dataset",
     "zscore": "z-score of one class from cached O(d^2) statistics against the z-score of all k logits",
     "load": "the web service under concurrent ingest/search/query clients on loopback (p50/p99 latency)",
 }
