@@ -78,7 +78,7 @@ def test_ingested_images_folder_is_fsynced_before_the_index_commits(run_dir: Pat
         assert c.post("/ingest", json={"images": pngs(images[:3])}).status_code == 200
         service.close()
     assert events == ["fsync images", "append"]
-    assert sorted(os.listdir(tmp_path / "index" / "images")) == ["0.png", "1.png", "2.png"]
+    assert sorted(os.listdir(tmp_path / "index" / "images")) == ["0.pngs"]  # one pack for the request
 
 
 def test_schema_declares_the_bearer_only_with_a_token_and_non_empty_images(run_dir: Path, tmp_path: Path) -> None:
@@ -238,3 +238,24 @@ def test_writes_run_on_the_services_own_writer_thread(run_dir: Path, images: np.
             assert c.post("/ingest", json={"images": pngs(images[:2])}).status_code == 200
         c.app.state.service.close()
     assert len(seen) == 3 and all(name.startswith("logitsep-writer") for name in seen), seen
+
+
+def test_an_ingest_costs_the_same_fsyncs_whatever_its_number_of_images(run_dir: Path, images: np.ndarray,
+                                                                       tmp_path: Path, monkeypatch) -> None:
+    """Finding 4: each image cost one fsync (120 concurrent 256-image ingests starved searches); a request's images
+    are now made durable together, so the fsyncs of an ingest do not grow with its images."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    with make_client(run_dir, tmp_path / "index") as c:
+        counts = []
+        for batch in (images[:1], images[1:33]):
+            calls.clear()
+            assert c.post("/ingest", json={"images": pngs(batch)}).status_code == 200
+            counts.append(len(calls))
+        for i in (0, 1, 32):  # every image served as it was ingested
+            served = np.asarray(Image.open(io.BytesIO(c.get(f"/items/{i}.png").content)))
+            np.testing.assert_array_equal(served, images[i])
+        c.app.state.service.close()
+    assert counts[1] == counts[0] <= 6, counts
+

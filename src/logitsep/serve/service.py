@@ -5,13 +5,16 @@ The serve folder (``--index DIR``) is an :class:`~logitsep.search.EmbeddingIndex
 class vector ``[W_c, b_c]`` is the item's logit for class ``c``; ``DIR/images/{id}.png`` holds the image of each
 ingested item (re-encoded from the decoded pixels). Items of an index built from a dataset split (its header names
 the dataset and split) are drawn from that split on request. The index header records the model's fingerprints,
-so an index is never searched with another model's class vectors.
+so an index is never searched with another model's class vectors. The images of one ingest are kept together in
+one pack file, ``DIR/images/{first id}.pngs`` (:func:`write_pack`), so that a request costs one data fsync
+whatever its number of images; ``DIR/images/{id}.png`` files of older folders are still served.
 
 Ingest is all-or-nothing: every image of a request is decoded and checked before anything is written; the
-images are written (atomically, one file per id) *before* the index append that commits them, under one writer
-lock. An interrupted ingest leaves at most image files past the end of the index: they are never served and
-are removed on the next start, so a restart always sees a consistent index. Searches need no lock: each one
-scans the committed rows the index maps when it starts (a whole-item prefix), while appends go on.
+images are written (one pack: temporary file, fsync, rename, folder fsync) *before* the index append that
+commits them, under one writer lock. An interrupted ingest leaves at most a pack starting past the end of the
+index: it is never served and is removed on the next start, so a restart always sees a consistent index.
+Searches need no lock: each one scans the committed rows the index maps when it starts (a whole-item prefix),
+while appends go on.
 
 Thresholds: every default threshold (``/search``, ``/query``, ``/stream``) is the run's calibrated **global**
 threshold, one threshold for every class: the Principle of Logit Separation (Keren, Sabato & Schuller,
@@ -25,10 +28,12 @@ live matches (:mod:`.stream`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import functools
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +45,7 @@ import numpy as np
 import torch
 
 from ..classifier import SingleLogitClassifier
-from ..core.files import atomic_write, fsync_dir
+from ..core.files import fsync_dir
 from ..core.images import encode_png, image_layout, inputs_from_images, pixels_from_inputs
 from ..enrollment import check_name
 from ..search import EmbeddingIndex
@@ -49,7 +54,66 @@ from .cache import ScoreCache
 from .requests import MAX_IMAGES, BadInput, check_class_id, check_threshold, check_top_k, decode_images
 from .stream import Broadcast, Subscriber
 
-__all__ = ["MAX_IMAGES", "BadInput", "Service", "dataset_images"]
+__all__ = ["MAX_IMAGES", "BadInput", "Service", "dataset_images", "stored_images"]
+
+
+PACK_MAGIC = b"LSPNGPK1"
+PACK_SUFFIX = ".pngs"
+
+
+def write_pack(path: Path, pngs: list[bytes], mode: int = 0o600) -> None:
+    """Write the PNGs of one ingest as one file, durably and atomically: a temporary file (``mode``) in the same
+    folder, written, fsynced, renamed over ``path`` (the caller fsyncs the folder). Layout: ``PACK_MAGIC``, the
+    count ``n`` (uint32 LE), ``n + 1`` offsets (uint64 LE, from the end of the offsets), the PNGs end to end."""
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pngs])]).astype("<u8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(PACK_MAGIC + struct.pack("<I", len(pngs)) + offsets.tobytes())
+            for png in pngs:
+                f.write(png)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def pack_count(path: str | os.PathLike) -> int | None:
+    """The number of PNGs in a pack, or None for a file that is not one."""
+    with open(path, "rb") as f:
+        head = f.read(len(PACK_MAGIC) + 4)
+    if len(head) < len(PACK_MAGIC) + 4 or not head.startswith(PACK_MAGIC):
+        return None
+    return struct.unpack("<I", head[len(PACK_MAGIC):])[0]
+
+
+def read_pack(path: str | os.PathLike, index: int) -> bytes:
+    """The ``index``-th PNG of a pack."""
+    with open(path, "rb") as f:
+        f.seek(len(PACK_MAGIC) + 4 + 8 * index)
+        begin, end = struct.unpack("<QQ", f.read(16))
+        n = pack_count(path)
+        f.seek(len(PACK_MAGIC) + 4 + 8 * (n + 1) + begin)
+        return f.read(end - begin)
+
+
+def stored_images(folder: str | os.PathLike) -> list[int]:
+    """The ids of the images stored in a serve folder's ``images/`` (packs and single files), sorted; committed
+    or not (:meth:`Service._remove_orphans` removes those past the index on start)."""
+    ids = []
+    for entry in os.scandir(folder):
+        stem, _, ext = entry.name.partition(".")
+        if not stem.isdigit():
+            continue
+        if ext == "png":
+            ids.append(int(stem))
+        elif ext == "pngs" and (count := pack_count(entry.path)) is not None:
+            ids.extend(range(int(stem), int(stem) + count))
+    return sorted(ids)
 
 
 def dataset_images(dataset: str, split: str, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -98,6 +162,7 @@ class Service:
         self._source_images: np.ndarray | None = None
         self.images = self.folder / "images"
         self.images.mkdir(exist_ok=True)
+        self._packs: list[tuple[int, int]] = []  # (first id, count) of each pack, sorted
         self._remove_orphans()
         self._write_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="logitsep-writer")
@@ -151,12 +216,17 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- files
     def _remove_orphans(self) -> None:
-        """Delete image files past the end of the index (left by an interrupted ingest) and temporary files."""
+        """Delete image files and packs past the end of the index (left by an interrupted ingest) and temporary
+        files; list the packs that stay."""
         n = len(self.index)
+        packs = []
         for entry in os.scandir(self.images):
             stem, _, ext = entry.name.partition(".")
-            if entry.name.startswith(".") or (ext == "png" and stem.isdigit() and int(stem) >= n):
+            if entry.name.startswith(".") or (ext in ("png", "pngs") and stem.isdigit() and int(stem) >= n):
                 os.unlink(entry.path)
+            elif ext == "pngs" and stem.isdigit() and (count := pack_count(entry.path)) is not None:
+                packs.append((int(stem), count))
+        self._packs = sorted(packs)
 
     def image(self, item_id: int) -> Path | bytes | None:
         """The image of a committed item: the path of its stored PNG, PNG bytes drawn from the dataset split the
@@ -166,6 +236,10 @@ class Service:
         path = self.images / f"{item_id}.png"
         if path.is_file():
             return path
+        packs = self._packs  # appended under the writer lock; a committed id's pack is listed before its commit
+        at = bisect.bisect_right(packs, (item_id, float("inf"))) - 1
+        if at >= 0 and item_id < packs[at][0] + packs[at][1]:
+            return read_pack(self.images / f"{packs[at][0]}{PACK_SUFFIX}", item_id - packs[at][0])
         if self._source is not None:
             if self._source_images is None:
                 self._source_images = dataset_images(*self._source, self.input_shape)
@@ -206,9 +280,10 @@ class Service:
         encoded = [encode_png(p) for p in pixels]
         with self._write_lock, _disk_full_is_507():
             start = len(self.index)
-            for i, data in enumerate(encoded):  # the images first: a failure leaves no row without its image
-                atomic_write(self.images / f"{start + i}.png", lambda tmp, data=data: Path(tmp).write_bytes(data))
-            fsync_dir(self.images)  # the renames themselves durable before the index commits the rows
+            # the images first, one pack (one fsync for the request): a failure leaves no row without its image
+            write_pack(self.images / f"{start}{PACK_SUFFIX}", encoded)
+            fsync_dir(self.images)  # the rename itself durable before the index commits the rows
+            self._packs = [p for p in self._packs if p[0] < start] + [(start, len(encoded))]
             total = int(self.index.append(vectors))
             self.ingested += len(encoded)
             if on_commit is not None:
