@@ -31,7 +31,12 @@ def serve_forever(app: Any, host: str, port: int, log_level: str = "info") -> No
     uvicorn = require("uvicorn")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=2)
+        from .protocol import GuardedH11Protocol
+
+        # idle keep-alive connections close after 5 s, request heads must arrive within 5 s (the protocol's
+        # deadline)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=2,
+                    http=GuardedH11Protocol, timeout_keep_alive=5)
     except KeyboardInterrupt:
         pass
     finally:
