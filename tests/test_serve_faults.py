@@ -313,3 +313,19 @@ def test_idle_and_half_sent_connections_are_closed(real_server) -> None:
         for sock in (silent, partial, trickle, kept):
             sock.close()
 
+
+def test_a_malformed_content_length_gets_a_json_400(real_server) -> None:
+    """Finding 7: uvicorn answered a non-numeric Content-Length with a plain-text 400."""
+    import json
+    import socket
+
+    with socket.create_connection(("127.0.0.1", real_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: abc\r\n\r\n{}")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply
+    assert b"content-type: application/json" in head.lower()
+    assert "error" in json.loads(body)

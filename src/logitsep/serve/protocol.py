@@ -1,14 +1,17 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request head.
+"""uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request head and JSON for its own 400s.
 
 uvicorn closes a keep-alive connection idle after a response (``timeout_keep_alive``), but a connection that
 sends nothing, or a request head that never ends (a byte now and then), is held for ever: a thousand such
 connections hold a thousand file descriptors. Here a request head must arrive whole within ``HEAD_TIMEOUT``
-seconds of the connection (or of the previous response), or the connection is closed.
+seconds of the connection (or of the previous response), or the connection is closed. The 400 uvicorn sends for
+a request it cannot parse (a non-numeric ``Content-Length``, a malformed request line) is ``{"error": ...}`` as
+every other error of the service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -17,7 +20,7 @@ HEAD_TIMEOUT = 5.0  # seconds for a whole request head
 
 
 class GuardedH11Protocol(H11Protocol):
-    """:class:`H11Protocol` with a request-head deadline."""
+    """:class:`H11Protocol` with a request-head deadline and JSON 400s."""
 
     head_timeout = HEAD_TIMEOUT
     _head_deadline: asyncio.TimerHandle | None = None
@@ -54,3 +57,14 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": f"malformed HTTP request ({msg.rstrip('.')})"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"x-content-type-options", b"nosniff"), (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # a response had begun: nothing more can be said on this connection
+            pass
+        self.transport.close()

@@ -34,7 +34,7 @@ def serve_forever(app: Any, host: str, port: int, log_level: str = "info") -> No
         from .protocol import GuardedH11Protocol
 
         # idle keep-alive connections close after 5 s, request heads must arrive within 5 s (the protocol's
-        # deadline)
+        # deadline), its own 400s are JSON
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=2,
                     http=GuardedH11Protocol, timeout_keep_alive=5)
     except KeyboardInterrupt:
