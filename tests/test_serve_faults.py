@@ -329,3 +329,28 @@ def test_a_malformed_content_length_gets_a_json_400(real_server) -> None:
     assert head.startswith(b"HTTP/1.1 400"), reply
     assert b"content-type: application/json" in head.lower()
     assert "error" in json.loads(body)
+
+
+def test_a_killed_demos_temporary_index_is_removed_at_the_next_start(tmp_path: Path, monkeypatch) -> None:
+    """Finding 7: ``serve --demo`` killed with -9 left its temporary index behind (~160 MB an hour of feed). Its
+    folder names the owning process; the next demo removes the folders of processes that are gone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from logitsep.cli import serve as serve_cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"logitsep-demo-index-{gone.pid}-abc123"
+    (stale / "images").mkdir(parents=True)
+    (stale / "vectors.f32").write_bytes(b"\0" * 64)
+    live = tmp_path / f"logitsep-demo-index-{os.getppid()}-def456"  # a running process (pytest's parent)
+    live.mkdir()
+    other = tmp_path / "logitsep-demo-index-notapid"  # not one of ours by its name: kept
+    other.mkdir()
+    folder = Path(serve_cli.demo_index_folder())
+    assert folder.is_dir() and folder.name.startswith(f"logitsep-demo-index-{os.getpid()}-")
+    assert folder.stat().st_mode & 0o077 == 0
+    assert not stale.exists() and live.is_dir() and other.is_dir()

@@ -67,12 +67,42 @@ def run(args: argparse.Namespace) -> int:
         run_dir = run_dir or demo_run(args.workdir, dataset=dataset, steps=args.steps, log=log)
     index = args.index
     if index is None and args.demo:
-        index = cleanup = tempfile.mkdtemp(prefix="logitsep-demo-index-")
+        index = cleanup = demo_index_folder()
     try:
         return _serve(args, run_dir, index or run_dir / "index", tasks, log)
     finally:
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
+
+
+DEMO_INDEX_PREFIX = "logitsep-demo-index-"
+
+
+def demo_index_folder() -> str:
+    """A fresh temporary serve folder for a demo, ``$TMPDIR/logitsep-demo-index-<pid>-XXXX`` (0700), removed at exit.
+    A demo killed with -9 cannot remove its own: first remove this user's demo folders whose process is gone."""
+    tmp = Path(tempfile.gettempdir())
+    for entry in tmp.glob(f"{DEMO_INDEX_PREFIX}*-*"):
+        pid = entry.name[len(DEMO_INDEX_PREFIX):].partition("-")[0]
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if not pid.isdigit() or int(pid) == os.getpid() or not entry.is_dir() or entry.is_symlink() \
+                or info.st_uid != os.getuid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{DEMO_INDEX_PREFIX}{os.getpid()}-")  # mkdtemp makes it 0700
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _serve(args: argparse.Namespace, run_dir: Path, index: str | Path, tasks: list, log: Any) -> int:
