@@ -288,21 +288,26 @@ def _plot(rows: Sequence[dict[str, Any]], result: dict[str, Any], path: Path) ->
         groups.setdefault((r["dataset"], r["nlist"], r["threshold"]), []).append(r)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = sorted({(d, nl) for d, nl, _ in groups})
+    datasets = sorted({d for d, _ in labels})
+    nlists = sorted({nl for _, nl in labels})
+    styles = ["o-", "s--", "^:", "d-.", "v-"]
     synthetic = result.get("synthetic")
     for ax, kind in zip(axes[0], kinds, strict=True):
-        for i, (dataset, nlist) in enumerate(labels):
+        for dataset, nlist in labels:
             group = sorted(groups.get((dataset, nlist, kind), []), key=lambda r: r["nprobe"])
             if not group:
                 continue
-            ax.plot([r["speedup_vs_exact"] for r in group], [r["recall_threshold"] for r in group], "o-",
-                    color=colours[i % len(colours)], label=f"{dataset} ({group[0]['items']:,} items, nlist {nlist})")
+            colour = colours[datasets.index(dataset) % len(colours)]
+            ax.plot([r["speedup_vs_exact"] for r in group], [r["recall_threshold"] for r in group],
+                    styles[nlists.index(nlist) % len(styles)], color=colour, ms=4,
+                    label=f"{dataset} ({group[0]['items']:,} items, nlist {nlist})")
             for r in group:
                 ax.annotate(str(r["nprobe"]), (r["speedup_vs_exact"], r["recall_threshold"]), fontsize=6,
-                            textcoords="offset points", xytext=(3, -8), color=colours[i % len(colours)])
+                            textcoords="offset points", xytext=(3, -8), color=colour)
         if synthetic and synthetic["points"]:
             pts = synthetic["points"]
             ax.plot([p["speedup_vs_exact"] for p in pts], [p["recall_threshold"] for p in pts], "s--",
-                    color="tab:gray", alpha=0.7,
+                    color="gray", alpha=0.7,
                     label=f"synthetic ({synthetic['items']:,} items, d {synthetic['dim']}, bench search)")
         ax.axhline(TARGET_RECALL, color="black", ls="--", lw=0.8)
         ax.axvline(TARGET_SPEEDUP, color="black", ls=":", lw=0.8)
@@ -330,7 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", action="append", required=True, help="a trained run folder (repeatable)")
     parser.add_argument("--nprobes", default="1,2,4,8,16,32,64", help="comma-separated IVF nprobe values")
     parser.add_argument("--nlist", default=None,
-                        help="IVF lists, comma-separated for a sweep (default: the library's, √N)")
+                        help="IVF lists, comma-separated for a sweep; auto: the library's default, √N "
+                             "(default: auto)")
     parser.add_argument("--queries", type=int, default=16, help="classes searched per run (every class if fewer)")
     parser.add_argument("--threshold", default=",".join(KINDS),
                         help=f"comma-separated threshold kinds among {', '.join(KINDS)}")
@@ -349,7 +355,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench ivf``."""
     apply_threads(args.threads)
-    nlists: list[int | None] = [None] if args.nlist is None else list(_ints(args.nlist, "--nlist"))
+    tokens = [t.strip() for t in (args.nlist or "auto").split(",") if t.strip()]
+    nlists: list[int | None] = [None if t == "auto" else _ints(t, "--nlist")[0] for t in tokens] or [None]
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     result = run(args.run, _ints(args.nprobes, "--nprobes"), nlists, queries=args.queries, repeats=args.repeats,
                  seed=args.seed, cache=args.cache, splits=[s for s in args.splits.split(",") if s],
