@@ -354,3 +354,45 @@ def test_a_killed_demos_temporary_index_is_removed_at_the_next_start(tmp_path: P
     assert folder.is_dir() and folder.name.startswith(f"logitsep-demo-index-{os.getpid()}-")
     assert folder.stat().st_mode & 0o077 == 0
     assert not stale.exists() and live.is_dir() and other.is_dir()
+
+
+def test_every_response_forbids_framing_and_sniffing(run_dir: Path, tmp_path: Path) -> None:
+    """Finding 7: only ``/`` had a content security policy, without ``frame-ancestors``. Every answer (API, page,
+    docs, static files, errors) now carries one that forbids framing, and ``nosniff``."""
+    with make_client(run_dir, tmp_path / "index", allowed_hosts=frozenset({"testserver"})) as c:
+        answers = [c.get(p) for p in ("/health", "/classes", "/openapi.json", "/docs", "/", "/static/app.js",
+                                      "/search?class_id=99", "/nowhere")]
+        answers += [c.options("/classes"), c.post("/ingest", content=b"x" * 10, headers={"content-length": "abc"}),
+                    c.get("/health", headers={"host": "evil.example"})]
+        for r in answers:
+            csp = r.headers.get("content-security-policy", "")
+            assert "frame-ancestors 'none'" in csp, (r.request.url, r.status_code, csp)
+            assert r.headers.get("x-content-type-options") == "nosniff", r.request.url
+        assert "default-src 'none'" in c.get("/health").headers["content-security-policy"]
+        c.app.state.service.close()
+
+
+def test_docs_load_pinned_swagger_ui_with_subresource_integrity(run_dir: Path, tmp_path: Path) -> None:
+    """Finding 7: /docs loaded Swagger UI from a CDN by a floating version (``@5``) without ``integrity``: a
+    compromised CDN ran its script on the service's origin. Now a pinned version, sha384 hashes, crossorigin,
+    no inline script, and a policy that allows scripts only from this origin and the CDN."""
+    import re
+
+    with make_client(run_dir, tmp_path / "index") as c:
+        r = c.get("/docs")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        html = r.text
+        tags = re.findall(r"<(?:script|link)\b[^>]*>", html)
+        remote = [t for t in tags if "https://" in t]
+        assert len(remote) == 2, tags
+        for tag in remote:
+            assert re.search(r'(?:src|href)="https://cdn\.jsdelivr\.net/npm/swagger-ui-dist@\d+\.\d+\.\d+/', tag), tag
+            assert re.search(r'integrity="sha384-[A-Za-z0-9+/]{64}"', tag) and 'crossorigin="anonymous"' in tag, tag
+        assert not re.search(r"<script\b[^>]*>\s*[^<\s]", html)  # no inline script: the page's own is a file
+        csp = r.headers["content-security-policy"]
+        script_src = re.search(r"script-src ([^;]*)", csp).group(1).split()
+        assert set(script_src) == {"'self'", "https://cdn.jsdelivr.net"}, csp
+        assert c.get("/redoc").status_code == 404  # the other CDN page (no integrity) is gone
+        init = re.search(r'<script src="(/static/[^"]+)"', html).group(1)
+        assert c.get(init).status_code == 200 and "/openapi.json" in c.get(init).text
+        c.app.state.service.close()

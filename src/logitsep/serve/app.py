@@ -35,7 +35,22 @@ from .service import Service
 
 MAX_BODY = 8 << 20  # bytes per request body
 STATIC = files("logitsep.serve") / "static"
-CSP = b"default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'"
+# Content security policies: every answer forbids framing (clickjacking); API answers allow nothing else.
+CSP_API = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+CSP = b"default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"  # the page
+# /docs: Swagger UI from the CDN (pinned, with integrity hashes: static/docs.html), its start script from here;
+# Swagger UI sets style attributes and draws data: images
+CSP_DOCS = (b"default-src 'none'; script-src 'self' https://cdn.jsdelivr.net; style-src https://cdn.jsdelivr.net "
+            b"'unsafe-inline'; img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+            b"frame-ancestors 'none'; form-action 'none'")
+
+
+def _csp(path: str) -> bytes:
+    if path == "/docs":
+        return CSP_DOCS
+    if path == "/" or path.startswith("/static/") or path == "/favicon.ico":
+        return CSP
+    return CSP_API
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -161,7 +176,8 @@ CLASS_ERRORS = _errors(400, 404, 413, 422)  # reads that take a class_id
 # ------------------------------------------------------------------------------------------------ middleware
 class Guard:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 (by ``Content-Length``, or while the body
-    streams in), and add ``X-Content-Type-Options: nosniff`` (+ a content security policy on the page)."""
+    streams in), and give every answer ``X-Content-Type-Options: nosniff`` and a content security policy that
+    forbids framing (:func:`_csp`)."""
 
     def __init__(self, app: Callable, max_bytes: int, allowed_hosts: frozenset[str] | None = None) -> None:
         self.app, self.max_bytes, self.allowed_hosts = app, max_bytes, allowed_hosts
@@ -169,6 +185,14 @@ class Guard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        outer, policy = send, _csp(scope.get("path", ""))
+
+        async def send(message: dict) -> None:  # every answer, the guard's own refusals too
+            if message["type"] == "http.response.start":
+                extra = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", policy)]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await outer(message)
+
         if scope["method"] == "HEAD":  # HEAD is GET without the body (RFC 9110): the routes declare GET only
             scope = {**scope, "method": "GET"}
             inner, ended = send, False
@@ -202,15 +226,7 @@ class Guard:
                     raise HTTPException(413, f"request body too large: over {self.max_bytes} bytes")
             return message
 
-        async def with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                extra = [(b"x-content-type-options", b"nosniff")]
-                if scope.get("path") == "/":
-                    extra.append((b"content-security-policy", CSP))
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        await self.app(scope, limited, with_headers)
+        await self.app(scope, limited, send)
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -265,7 +281,7 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
         await asyncio.gather(*running, return_exceptions=True)
 
     app = FastAPI(title="logitsep", summary="single-logit class search over a live stream of images",
-                  description=__doc__, version="0.1.0", lifespan=lifespan)
+                  description=__doc__, version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     _add_error_handlers(app)
     app.add_middleware(Guard, max_bytes=max_body, allowed_hosts=allowed_hosts)
@@ -444,5 +460,10 @@ def _add_page_routes(app: FastAPI, service: Service) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        """Swagger UI, pinned and integrity-checked (FastAPI's own /docs loads a floating version, no hashes)."""
+        return FileResponse(str(STATIC / "docs.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
