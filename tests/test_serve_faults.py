@@ -396,3 +396,19 @@ def test_docs_load_pinned_swagger_ui_with_subresource_integrity(run_dir: Path, t
         init = re.search(r'<script src="(/static/[^"]+)"', html).group(1)
         assert c.get(init).status_code == 200 and "/openapi.json" in c.get(init).text
         c.app.state.service.close()
+
+
+def test_stored_items_are_readable_by_their_owner_only(run_dir: Path, images: np.ndarray, tmp_path: Path) -> None:
+    """Finding 7: the ingested images and the index were readable by every local user (0644 files in 0755 folders).
+    The serve folder and its images/ are 0700 (an existing folder is tightened), the image packs 0600."""
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    os.chmod(existing, 0o755)
+    for folder in (tmp_path / "index", existing):
+        with make_client(run_dir, folder) as c:
+            assert c.post("/ingest", json={"images": pngs(images[:3])}).status_code == 200
+            c.app.state.service.close()
+        assert folder.stat().st_mode & 0o777 == 0o700, oct(folder.stat().st_mode)
+        assert (folder / "images").stat().st_mode & 0o777 == 0o700
+        stored = [p for p in (folder / "images").iterdir()]
+        assert stored and all(p.stat().st_mode & 0o077 == 0 for p in stored), [oct(p.stat().st_mode) for p in stored]

@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     index = args.index
     if index is None and args.demo:
         index = cleanup = demo_index_folder()
+    umask = os.umask(0o077)  # what the service creates (its index, images, keys) is for this user only
     try:
         return _serve(args, run_dir, index or run_dir / "index", tasks, log)
     finally:
+        os.umask(umask)
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
 

@@ -125,6 +125,13 @@ def dataset_images(dataset: str, split: str, input_shape: tuple[int, ...]) -> np
     return pixels_from_inputs(x, input_shape)
 
 
+def _owner_only(folder: Path) -> None:
+    """Take the group's and others' permissions off a folder of this user's (no one else reaches what is in it)."""
+    info = os.stat(folder)
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        os.chmod(folder, info.st_mode & 0o7700)
+
+
 @contextlib.contextmanager
 def _disk_full_is_507() -> Iterator[None]:
     """A full disk (``ENOSPC``, ``EDQUOT``) is the storage's state, not a server fault: 507 with a JSON error (the
@@ -161,7 +168,9 @@ class Service:
         self._source = (meta.get("dataset"), meta.get("split")) if meta.get("dataset") and meta.get("split") else None
         self._source_images: np.ndarray | None = None
         self.images = self.folder / "images"
-        self.images.mkdir(exist_ok=True)
+        self.images.mkdir(mode=0o700, exist_ok=True)
+        for folder in (self.folder, self.images):  # the items are the users' images: for this user only
+            _owner_only(folder)
         self._packs: list[tuple[int, int]] = []  # (first id, count) of each pack, sorted
         self._remove_orphans()
         self._write_lock = threading.Lock()
