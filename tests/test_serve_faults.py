@@ -412,3 +412,57 @@ def test_stored_items_are_readable_by_their_owner_only(run_dir: Path, images: np
         assert (folder / "images").stat().st_mode & 0o777 == 0o700
         stored = [p for p in (folder / "images").iterdir()]
         assert stored and all(p.stat().st_mode & 0o077 == 0 for p in stored), [oct(p.stat().st_mode) for p in stored]
+
+
+def test_a_retried_ingest_with_the_same_idempotency_key_stores_nothing_new(run_dir: Path, images: np.ndarray,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """Finding 7: a retried ingest (the answer lost, the client sends again) stored its images twice. With an
+    ``Idempotency-Key`` the first answer comes back and nothing is stored again, also after a restart; the key
+    belongs to the token; the keys kept are bounded."""
+    folder = tmp_path / "index"
+    first = {"images": pngs(images[:3])}
+    key = {"Idempotency-Key": "order-17"}
+    auth = {"Authorization": "Bearer s3cret"}
+    with make_client(run_dir, folder, token="s3cret") as c:
+        schema = c.get("/openapi.json").json()
+        assert "Idempotency-Key" in [p["name"] for p in schema["paths"]["/ingest"]["post"]["parameters"]]
+        r = c.post("/ingest", json=first, headers={**key, **auth})
+        assert r.status_code == 200 and r.json()["ids"] == [0, 1, 2] and "idempotent-replayed" not in r.headers
+        again = c.post("/ingest", json=first, headers={**key, **auth})
+        assert again.json() == r.json() and again.headers["idempotent-replayed"] == "true"
+        other = c.post("/ingest", json={"images": pngs(images[3:5])}, headers={**key, **auth})
+        assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]
+        assert c.post("/ingest", json=first, headers=auth).json()["ids"] == [3, 4, 5]  # no key: stored again
+        service = c.app.state.service
+
+        def crash(vectors: object) -> int:
+            raise OSError("disk full")
+
+        original, service.index.append = service.index.append, crash
+        failed = {"images": pngs(images[6:8])}
+        assert c.post("/ingest", json=failed, headers={"Idempotency-Key": "k2", **auth}).status_code == 500
+        service.index.append = original
+        retried = c.post("/ingest", json=failed, headers={"Idempotency-Key": "k2", **auth})
+        assert retried.json()["ids"] == [6, 7] and "idempotent-replayed" not in retried.headers  # stored now
+        assert c.get("/stats").json()["items"] == 8
+        service.close()
+    assert (folder / "idempotency.json").stat().st_mode & 0o077 == 0
+    with make_client(run_dir, folder, token="s3cret") as c:  # after a restart: the same answers
+        again = c.post("/ingest", json=first, headers={**key, **auth})
+        assert again.json() == r.json() and again.headers["idempotent-replayed"] == "true"
+        assert c.post("/ingest", json=failed, headers={"Idempotency-Key": "k2", **auth}).json()["ids"] == [6, 7]
+        assert c.get("/stats").json()["items"] == 8
+        c.app.state.service.close()
+    with make_client(run_dir, folder, token="an0ther") as c:  # another token: its own keys
+        r2 = c.post("/ingest", json=first, headers={**key, "Authorization": "Bearer an0ther"})
+        assert r2.json()["ids"] == [8, 9, 10]
+        from logitsep.serve import idempotency
+
+        monkeypatch.setattr(idempotency, "MAX_KEYS", 3)
+        for i in range(5):
+            c.post("/ingest", json={"images": pngs(images[i:i + 1])},
+                   headers={"Idempotency-Key": f"n{i}", "Authorization": "Bearer an0ther"})
+        c.app.state.service.close()
+    import json
+
+    assert len(json.loads((folder / "idempotency.json").read_text())["keys"]) == 3

@@ -19,7 +19,7 @@ from ..core.extras import require
 
 require("fastapi")  # without it: one line naming the [serve] extra, not a traceback
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..enrollment import MAX_NAME
+from .idempotency import key_id
 from .requests import BASE64_PATTERN, MAX_IMAGES, BadInput, decode_base64
 from .service import Service
 
@@ -286,7 +287,7 @@ def create_app(service: Service, *, token: str | None = None, max_body: int = MA
     _add_error_handlers(app)
     app.add_middleware(Guard, max_bytes=max_body, allowed_hosts=allowed_hosts)
     _add_read_routes(app, service)
-    _add_write_routes(app, service, _authorizer(token))
+    _add_write_routes(app, service, _authorizer(token), token)
     _add_stream_route(app, service, heartbeat)
     _add_page_routes(app, service)
     return app
@@ -375,16 +376,34 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
         return service.query(body.class_id, png, body.threshold)
 
 
-def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None] | None) -> None:
+INGEST_OK = {"description": "the items added; with a known Idempotency-Key the first answer again, and an "
+                            "`Idempotent-Replayed: true` header",
+             "headers": {"Idempotent-Replayed": {"description": "true: this key's first answer, nothing was stored",
+                                                 "schema": {"type": "string"}}}}
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[!-~]+$",
+    description="any key of 1 to 200 visible ASCII characters, new for each new request: a retry with the same key "
+                "and images gets the first answer and stores nothing (keys are kept per token, the last 4,096)")]
+
+
+def _add_write_routes(app: FastAPI, service: Service, authorize: Callable[..., None] | None,
+                      token: str | None = None) -> None:
     """``/ingest``, ``POST /classes``, ``DELETE /classes/{id}`` (bearer token when the server has one; without
     one the schema declares no ``Authorization`` header: a client built from it sends none)."""
     guard = [Depends(authorize)] if authorize is not None else []
 
-    @app.post("/ingest", response_model=IngestResult, responses=ERRORS, dependencies=guard)
-    async def ingest(body: IngestRequest) -> Any:
-        """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches."""
+    @app.post("/ingest", response_model=IngestResult, responses={**ERRORS, 200: INGEST_OK}, dependencies=guard)
+    async def ingest(body: IngestRequest, response: Response, idempotency_key: IdempotencyKey = None) -> Any:
+        """Embed the images once and append them to the index (all or nothing); ``/stream`` announces matches.
+        With an ``Idempotency-Key``, a retry (same key, same images) gets the first answer and stores nothing,
+        also after a restart; the same key with other images is a 422."""
         pngs = [decode_base64(text, f"images[{i}]") for i, text in enumerate(body.images)]
-        return await service.ingest_async(pngs)
+        if idempotency_key is None:
+            return await service.ingest_async(pngs)
+        answer, replayed = await service.ingest_once_async(pngs, key_id(token or "", idempotency_key))
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return answer
 
     @app.post("/classes", response_model=EnrollResult, responses=ERRORS, dependencies=guard)
     async def enroll(body: EnrollRequest) -> Any:

@@ -32,6 +32,7 @@ import bisect
 import contextlib
 import errno
 import functools
+import hashlib
 import os
 import struct
 import threading
@@ -51,6 +52,7 @@ from ..enrollment import check_name
 from ..search import EmbeddingIndex
 from ..search.select import select
 from .cache import ScoreCache
+from .idempotency import IdempotencyKeys, request_digest
 from .requests import MAX_IMAGES, BadInput, check_class_id, check_threshold, check_top_k, decode_images
 from .stream import Broadcast, Subscriber
 
@@ -61,18 +63,20 @@ PACK_MAGIC = b"LSPNGPK1"
 PACK_SUFFIX = ".pngs"
 
 
-def write_pack(path: Path, pngs: list[bytes], mode: int = 0o600) -> None:
+def write_pack(path: Path, pngs: list[bytes], mode: int = 0o600) -> str:
     """Write the PNGs of one ingest as one file, durably and atomically: a temporary file (``mode``) in the same
     folder, written, fsynced, renamed over ``path`` (the caller fsyncs the folder). Layout: ``PACK_MAGIC``, the
-    count ``n`` (uint32 LE), ``n + 1`` offsets (uint64 LE, from the end of the offsets), the PNGs end to end."""
+    count ``n`` (uint32 LE), ``n + 1`` offsets (uint64 LE, from the end of the offsets), the PNGs end to end.
+    Returns the SHA-256 of the file (:func:`pack_digest`)."""
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pngs])]).astype("<u8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(PACK_MAGIC + struct.pack("<I", len(pngs)) + offsets.tobytes())
-            for png in pngs:
-                f.write(png)
+            for part in (PACK_MAGIC + struct.pack("<I", len(pngs)) + offsets.tobytes(), *pngs):
+                f.write(part)
+                digest.update(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,6 +84,19 @@ def write_pack(path: Path, pngs: list[bytes], mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return digest.hexdigest()
+
+
+def pack_digest(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of a pack file, None when there is none."""
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def pack_count(path: str | os.PathLike) -> int | None:
@@ -173,7 +190,8 @@ class Service:
             _owner_only(folder)
         self._packs: list[tuple[int, int]] = []  # (first id, count) of each pack, sorted
         self._remove_orphans()
-        self._write_lock = threading.Lock()
+        self.keys = IdempotencyKeys(self.folder, len(self.index))
+        self._write_lock = threading.RLock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="logitsep-writer")
         self._cache_budget = score_cache
         self.cache = ScoreCache(score_cache) if score_cache > 0 else None
@@ -278,10 +296,11 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- operations
     def ingest(self, pngs: list[bytes], on_commit: Callable[[int, np.ndarray, int], None] | None = None,
-               ) -> tuple[int, np.ndarray, int]:
+               key: tuple[str, str] | None = None) -> tuple[int, np.ndarray, int]:
         """Decode, embed once and append ``pngs``; returns ``(first id, item vectors [n, dim], new total)``.
         ``on_commit(first id, vectors, total)`` is called under the writer lock right after the commit, so
-        successive calls see the commits in order."""
+        successive calls see the commits in order. ``key``: ``(key id, request digest)`` of an idempotency key,
+        recorded before the commit (:mod:`.idempotency`); use :meth:`ingest_once`."""
         pixels = self.decode(pngs)
         with torch.inference_mode():
             vectors = self.head.item_vectors(self.classifier.embed(inputs_from_images(pixels, self.input_shape)))
@@ -290,14 +309,45 @@ class Service:
         with self._write_lock, _disk_full_is_507():
             start = len(self.index)
             # the images first, one pack (one fsync for the request): a failure leaves no row without its image
-            write_pack(self.images / f"{start}{PACK_SUFFIX}", encoded)
+            pack = write_pack(self.images / f"{start}{PACK_SUFFIX}", encoded)
             fsync_dir(self.images)  # the rename itself durable before the index commits the rows
             self._packs = [p for p in self._packs if p[0] < start] + [(start, len(encoded))]
-            total = int(self.index.append(vectors))
+            if key is not None:  # the key before the commit: no committed ingest without its key
+                self.keys.put(key[0], {"digest": key[1], "start": start, "count": len(encoded),
+                                       "total": start + len(encoded), "pack": pack})
+            try:
+                total = int(self.index.append(vectors))
+            except BaseException:
+                if key is not None:
+                    self.keys.drop(key[0])
+                raise
             self.ingested += len(encoded)
             if on_commit is not None:
                 on_commit(start, vectors, total)
         return start, vectors, total
+
+    def ingest_once(self, pngs: list[bytes], key: str,
+                    on_commit: Callable[[int, np.ndarray, int], None] | None = None) -> tuple[dict[str, Any], bool]:
+        """:meth:`ingest` with an idempotency key (:func:`.idempotency.key_id`): the first answer again, and
+        nothing stored, when the key was seen (here or before a restart) with the same images; a 422 when it was
+        seen with others. Returns ``(answer, replayed)``."""
+        digest = request_digest(pngs)
+        with self._write_lock:
+            known = self.keys.get(key)
+            if known is not None and self._committed(known):
+                if known["digest"] != digest:
+                    raise BadInput("Idempotency-Key was used before with other images: a new request needs a new "
+                                   "key", 422)
+                start, count = known["start"], known["count"]
+                return {"added": count, "total": known["total"], "ids": list(range(start, start + count))}, True
+            start, vectors, total = self.ingest(pngs, on_commit, key=(key, digest))
+        return {"added": len(vectors), "total": total, "ids": list(range(start, start + len(vectors)))}, False
+
+    def _committed(self, entry: dict[str, Any]) -> bool:
+        """Whether a key's ingest is the one committed at its ids (its pack is still the one it wrote)."""
+        start, count = entry["start"], entry["count"]
+        return (start + count <= len(self.index)
+                and pack_digest(self.images / f"{start}{PACK_SUFFIX}") == entry["pack"])
 
     def enroll(self, name: object, pngs: list[bytes]) -> dict[str, Any]:
         """Add class ``name`` from images (:meth:`SingleLogitClassifier.enroll`: persisted in the run folder before
@@ -414,3 +464,12 @@ class Service:
 
         start, vectors, total = await self.in_writer(self.ingest, pngs, announce)
         return {"added": len(vectors), "total": total, "ids": list(range(start, start + len(vectors)))}
+
+    async def ingest_once_async(self, pngs: list[bytes], key: str) -> tuple[dict[str, Any], bool]:
+        """:meth:`ingest_once` on the writer thread, announced as :meth:`ingest_async` does."""
+        loop = asyncio.get_running_loop()
+
+        def announce(start: int, vectors: np.ndarray, total: int) -> None:
+            loop.call_soon_threadsafe(self.publish, start, vectors, total)
+
+        return await self.in_writer(self.ingest_once, pngs, key, announce)
