@@ -417,10 +417,10 @@ def test_failed_image_write_adds_no_index_rows(run_dir: Path, tmp_path: Path, im
     with make_client(run_dir, folder) as c:
         c.post("/ingest", json={"images": pngs(images[:3])})
 
-        def failing(fd):  # the pack's data cannot be made durable
-            raise OSError("no space left for the image")
+        def failing(path, pngs, mode=0o600):  # the images of the request cannot be written
+            raise OSError("no space left for the images")
 
-        monkeypatch.setattr(service_module.os, "fsync", failing)
+        monkeypatch.setattr(service_module, "write_pack", failing)
         r = c.post("/ingest", json={"images": pngs(images[3:6])})
         assert r.status_code == 500
         monkeypatch.undo()
