@@ -219,10 +219,11 @@ def run_load(run: str | Path, out: str | Path, *, prefill_items: int = 100_000, 
         server_log.close()
     try:
         from ..search import EmbeddingIndex
+        from ..serve.service import stored_images
 
         with EmbeddingIndex.open(folder) as index:
             disk_total = len(index)
-        images_on_disk = sum(1 for p in (folder / "images").iterdir() if p.suffix == ".png")
+        images_on_disk = len(stored_images(folder / "images"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     ingested = sum(r["added"] for r in records)
