@@ -611,9 +611,15 @@ def test_ivf_probing_every_list_is_exact(gen: torch.Generator, index_of) -> None
     q = torch.randn(3, 6, generator=gen)
     for a, e in zip(approx2.search(q, top_k=7), index2.search(q, top_k=7), strict=True):
         assert a.ids.tolist() == e.ids.tolist()
-        np.testing.assert_allclose(a.scores, e.scores, rtol=1e-5, atol=1e-5)
+        assert a.scores.tobytes() == e.scores.tobytes()  # the exact search's canonical scores, bit for bit
     one = approx2.search(q[0], threshold=0.5, top_k=3)  # both: the top 3 over the threshold
     assert one.ids.tolist() == index2.search(q[0], threshold=0.5, top_k=3).ids.tolist()
+    # a threshold exactly at a stored item's score: IVF keeps it as the exact search does
+    at = index2.search(q, top_k=25)
+    for j in range(len(q)):
+        t = float(at[j].scores[-1])
+        a, e = approx2.search(q[j], threshold=t), index2.search(q[j], threshold=t)
+        assert a.ids.tolist() == e.ids.tolist() and a.scores.tobytes() == e.scores.tobytes() and len(e) >= 25
 
 
 def test_ivf_with_few_probes_scans_less_and_finds_clusters(gen: torch.Generator, index_of) -> None:

@@ -12,7 +12,10 @@ import numpy as np
 from torch import Tensor
 
 from ..core.extras import require
-from .select import SearchResult, as_queries, limit, search_args, select
+from .exact import candidates, cut_of, finish, float32_margin
+from .select import SearchResult, as_queries, limit, search_args
+
+TOP_K_EXTRA = 16  # a top-k search asks FAISS for k + this many, so near-ties of the k-th score are re-ranked exactly
 
 
 class ApproximateIndex:
@@ -102,24 +105,35 @@ class ApproximateIndex:
                top_k: int | None = None) -> SearchResult | list[SearchResult]:
         """Approximate :meth:`EmbeddingIndex.search`: a threshold is a FAISS range search (inner product
         ``≥ threshold``), ``top_k`` a k-nearest search, both over the ``nprobe`` lists chosen once per query;
-        ``scanned`` counts the items in those lists."""
+        ``scanned`` counts the items in those lists. FAISS's float32 scores propose candidates within their proven
+        error bound of the cut; the candidates are scored canonically (:mod:`.exact`), so every item found has
+        the score the exact search gives it and a tie at the threshold falls the same way: the answer is the exact
+        answer restricted to the probed lists (for top-k, among FAISS's ``k + 16`` best there)."""
         q, single = as_queries(queries, self.dim)
         thresholds, k = search_args(threshold, top_k, q.shape[0])
         x = q.numpy()
         dq, iq = self._probe.search(x, self.nprobe)  # the probed lists, chosen once for both searches
         scanned = np.where(iq >= 0, self._list_sizes[np.maximum(iq, 0)], 0).sum(axis=1)
+        # FAISS's float32 scores only propose candidates: they are scored again canonically (search.exact), so an
+        # item IVF finds has the score the exact search gives it, and a tie at the threshold falls the same way
+        data = self.index.vectors
+        norm = self.index.row_norm_bound()
+        margins = [float32_margin(self.dim, norm, float(np.linalg.norm(v.astype(np.float64)))) for v in x]
         results: list[SearchResult] = []
         if k is not None:
-            scores, ids = self.faiss_index.search_preassigned(x, min(k, self.count), iq, dq)
+            extra = min(k + TOP_K_EXTRA, self.count)  # near-ties of the k-th score, re-ranked canonically
+            scores, ids = self.faiss_index.search_preassigned(x, extra, iq, dq)
             for j in range(len(x)):
                 keep = ids[j] >= 0
-                results.append(select(scores[j][keep], limit(thresholds, j), k, ids=ids[j][keep],
-                                      scanned=int(scanned[j])))
+                s, i = scores[j][keep], ids[j][keep]
+                i = i[candidates(s, cut_of(s, limit(thresholds, j), k, margins[j]))]
+                results.append(finish(data, q[j], np.sort(i), limit(thresholds, j), k, int(scanned[j])))
         else:
-            # FAISS keeps inner products strictly above the radius: the float32 just below the threshold gives >=
-            radius = float(np.nextafter(np.float32(thresholds.min()), np.float32(-np.inf)))
+            # FAISS keeps inner products strictly above the radius: the float32 just below the lowest cut
+            radius = float(np.nextafter(np.float32(float(thresholds.min()) - max(margins)), np.float32(-np.inf)))
             lims, scores, ids = self.faiss_index.range_search_preassigned(x, radius, iq, dq)
             for j in range(len(x)):
                 s, i = scores[lims[j]:lims[j + 1]], ids[lims[j]:lims[j + 1]]
-                results.append(select(s, limit(thresholds, j), None, ids=i, scanned=int(scanned[j])))
+                i = i[candidates(s, cut_of(s, limit(thresholds, j), None, margins[j]))]
+                results.append(finish(data, q[j], np.sort(i), limit(thresholds, j), None, int(scanned[j])))
         return results[0] if single else results

@@ -317,6 +317,10 @@ class EmbeddingIndex:
         _write_header(self.path, header)
         self._header = header
 
+    def row_norm_bound(self) -> float:
+        """An upper bound on the norms of the committed rows (for the error bounds of the exact paths)."""
+        return self._norms.extend(self._data)
+
     def refresh(self) -> int:
         """Re-read the header (another process may have appended) and map the new rows; return the number of
         items. The header is small (reading it takes microseconds) and is always read whole, never trusted from
