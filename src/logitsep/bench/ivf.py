@@ -54,7 +54,9 @@ from ..runs import THRESHOLDS, load_run
 from ..search import HEADER, EmbeddingIndex, SearchResult
 from ..thresholds import Thresholds
 from ._common import apply_threads, paired_ratio, ratio_quartiles, steady_allocator, write_results
-from .search import TARGET_RECALL, TARGET_SPEEDUP, TOP_K, pooled_recall, search_rounds
+from .search import TARGET_RECALL, TARGET_SPEEDUP, TOP_K, cpu_slug, pooled_recall, search_rounds
+
+SYNTHETIC = f"results/bench/search-{cpu_slug()}.json"  # the synthetic curve of `logitsep bench search` on this CPU
 
 SPLITS = ("train", "valid", "test")
 KINDS = ("global", "per_class", "class_size")
@@ -248,7 +250,7 @@ def synthetic_curve(path: str | os.PathLike) -> dict[str, Any] | None:
 def run(runs: Sequence[str | os.PathLike], nprobes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         nlists: Sequence[int | None] = (None,), queries: int = 16, repeats: int = 5, seed: int = 0,
         cache: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, kinds: Sequence[str] = KINDS,
-        synthetic: str | os.PathLike | None = "results/bench/search.json", out: str | os.PathLike | None = None,
+        synthetic: str | os.PathLike | None = SYNTHETIC, out: str | os.PathLike | None = None,
         plot: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure every run; write ``out/ivf.{csv,json,png}`` when ``out`` is given; return the summary with
     ``rows``."""
@@ -346,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None,
                         help="folder of the cached item vectors (default: $LOGITSEP_CACHE/bench-ivf or "
                              "~/.cache/logitsep/bench-ivf)")
-    parser.add_argument("--synthetic", default="results/bench/search.json",
+    parser.add_argument("--synthetic", default=SYNTHETIC,
                         help="logitsep bench search's JSON, drawn beside for comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     parser.add_argument("--out", default="results/bench/ivf-real", help="folder for ivf.{csv,json,png}")
