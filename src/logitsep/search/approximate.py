@@ -12,7 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from ..core.extras import require
-from .exact import candidates, cut_of, finish, float32_margin
+from .exact import candidates, cut_of, finish, float32_margins
 from .select import SearchResult, as_queries, limit, search_args
 
 TOP_K_EXTRA = 16  # a top-k search asks FAISS for k + this many, so near-ties of the k-th score are re-ranked exactly
@@ -117,8 +117,7 @@ class ApproximateIndex:
         # FAISS's float32 scores only propose candidates: they are scored again canonically (search.exact), so an
         # item IVF finds has the score the exact search gives it, and a tie at the threshold falls the same way
         data = self.index.vectors
-        norm = self.index.row_norm_bound()
-        margins = [float32_margin(self.dim, norm, float(np.linalg.norm(v.astype(np.float64)))) for v in x]
+        margins = float32_margins(x, self.index.row_norm_bound())
         results: list[SearchResult] = []
         if k is not None:
             extra = min(k + TOP_K_EXTRA, self.count)  # near-ties of the k-th score, re-ranked canonically

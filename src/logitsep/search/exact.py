@@ -61,6 +61,12 @@ def float32_margin(dim: int, max_norm: float, query_norm: float) -> float:
     return 1.25 * (gamma * vq + (dim + 1) * _TINY32 + canonical_error(dim, vq))
 
 
+def float32_margins(queries: Tensor | np.ndarray, max_norm: float) -> list[float]:
+    """:func:`float32_margin` of each query of ``queries`` ``[q, dim]`` (its norm computed in float64)."""
+    qs = np.asarray(queries.numpy() if isinstance(queries, Tensor) else queries, np.float64)
+    return [float32_margin(qs.shape[1], max_norm, float(np.linalg.norm(v))) for v in qs]
+
+
 def float32_at_most(cut: float) -> np.float32:
     """The largest float32 ``c ≤ cut``: float32 scores ``s ≥ c`` include every score ``s ≥ cut`` (a cut rounded to
     the nearest float32 could land above ``cut`` and lose a candidate)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .exact import candidates, cut_of, finish, float32_margin, max_row_norm
+from .exact import RowNorms, candidates, cut_of, finish, float32_margins
 from .select import SearchResult, empty_result, limit
 
 # Rows per step of the exact scan: as many as keep the [q, rows] float32 scores of one step under this bound. The
@@ -76,16 +76,16 @@ def scan(data: Tensor, queries: Tensor, thresholds: Tensor | None, top_k: int | 
     ``(score descending, id ascending)``, whatever the kernel. ``max_norm``: a bound on the rows' norms (computed
     here when not given). Memory: one chunk's scores (16 MiB) plus the candidates, whatever ``n``.
     """
-    n, dim = data.shape
+    n = data.shape[0]
     q = queries.shape[0]
     if n == 0:
         return [empty_result() for _ in range(q)]
     if chunk_rows is None:
         chunk_rows = max(1024, SCORE_BYTES // (4 * q))
     if max_norm is None:
-        max_norm = max((max_row_norm(data[s:s + 16384]) for s in range(0, n, 16384)), default=0.0)
+        max_norm = RowNorms().extend(data)
     scores_of = KERNELS[kernel]
-    margins = [float32_margin(dim, max_norm, float(torch.linalg.vector_norm(v.double()))) for v in queries]
+    margins = float32_margins(queries, max_norm)
     kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(q)]
     for start in range(0, n, chunk_rows):
         scores = scores_of(data[start:start + chunk_rows], queries)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .exact import canonical_error, finish, max_row_norm
+from .exact import canonical_error, finish
 from .select import SearchResult
 
 _U16 = 2.0 ** -11  # unit roundoff of float16 (round to nearest)
@@ -88,7 +88,6 @@ class Screen:
     def __init__(self, dim: int) -> None:
         self.rows = torch.empty(0, dim, dtype=torch.float16)
         self.count = 0
-        self.max_norm = 0.0
         self.usable = fp16_mv_accumulates_in_fp32()
         self.last_candidates = -1  # rows re-scored in float32 by the last search; -1: it fell back
         self._lock = threading.Lock()
@@ -114,22 +113,22 @@ class Screen:
             if float(block.abs().max()) >= F16_ENTRY_LIMIT:
                 self.usable, self.rows = False, torch.empty(0, dim, dtype=torch.float16)
                 return
-            self.max_norm = max(self.max_norm, max_row_norm(block))
             self.rows[start:start + len(block)] = block
         self.count = n
 
-    def search(self, data: Tensor, query: Tensor, threshold: float | None,
-               top_k: int | None) -> SearchResult | None:
+    def search(self, data: Tensor, query: Tensor, threshold: float | None, top_k: int | None,
+               max_norm: float) -> SearchResult | None:
         """The exact answer for one float32 ``query`` ``[dim]`` (see the class), or None where the plain scan
-        must answer."""
+        must answer. ``max_norm``: a bound on the norms of ``data``'s rows (the index's
+        :class:`~.exact.RowNorms`)."""
         n, dim = data.shape
         self.last_candidates = -1  # until the screen answers
         query_norm = float(torch.linalg.vector_norm(query.double()))
         if (not self.usable or self.count != n or n == 0 or float(query.abs().max()) >= F16_ENTRY_LIMIT
-                or 1.01 * self.max_norm * query_norm >= F16_SCORE_LIMIT):
+                or 1.01 * max_norm * query_norm >= F16_SCORE_LIMIT):
             return None
         # fast scores within screen_margin of the true inner product, canonical ones within canonical_error
-        margin = screen_margin(dim, self.max_norm, query_norm) + canonical_error(dim, self.max_norm * query_norm)
+        margin = screen_margin(dim, max_norm, query_norm) + canonical_error(dim, max_norm * query_norm)
         scores16 = torch.mv(self.rows[:n], query.half())
         cut = -math.inf if threshold is None else threshold - margin
         if top_k is not None:  # every exact top-k item scores ≥ (k-th best float16 score) − 2·margin in float16

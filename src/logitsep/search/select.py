@@ -109,6 +109,11 @@ def search_args(threshold: object, top_k: object, q: int) -> tuple[Tensor | None
     return thresholds, k
 
 
+def thresholds_of(thresholds: Tensor | None, j: int) -> Tensor | None:
+    """The thresholds of query ``j`` alone (a length-1 tensor), or None: for a search of that query by itself."""
+    return None if thresholds is None else thresholds[j:j + 1]
+
+
 def limit(thresholds: Tensor | None, j: int) -> float | None:
     """The threshold of query ``j`` as a Python float (exactly the float32 value), or None."""
     return None if thresholds is None else float(thresholds[j])

@@ -32,7 +32,7 @@ from . import paths
 from .exact import RowNorms
 from .scan import faiss_available, scan
 from .screen import Screen
-from .select import SearchResult, as_queries, limit, search_args
+from .select import SearchResult, as_queries, limit, search_args, thresholds_of
 
 FORMAT = "logitsep-embedding-index"
 VERSION = 1
@@ -355,7 +355,7 @@ class EmbeddingIndex:
         if self._fd is None:
             self.refresh()
         if chunk_rows is not None:
-            results = scan(self._data, q, thresholds, k, chunk_rows, max_norm=self._norms.extend(self._data))
+            results = scan(self._data, q, thresholds, k, chunk_rows, max_norm=self.row_norm_bound())
         else:
             path = self._path_for(q, thresholds, k)
             results = self._search_with(path, q, thresholds, k)
@@ -397,22 +397,20 @@ class EmbeddingIndex:
 
     def _search_with(self, path: str, q: Tensor, thresholds: Tensor | None, k: int | None) -> list[SearchResult]:
         """Every query of ``q`` answered by ``path`` (the answer does not depend on it)."""
-        norm = self._norms.extend(self._data)
+        norm = self.row_norm_bound()
         if path in ("numpy", "torch", "faiss"):
             return scan(self._data, q, thresholds, k, kernel=path, max_norm=norm)
         if path == "loop":
-            one = self._single(q[:1], None if thresholds is None else thresholds[:1], k)
-            return [self._search_with(one, q[j:j + 1], None if thresholds is None else thresholds[j:j + 1], k)[0]
-                    for j in range(q.shape[0])]
+            one = self._single(q[:1], thresholds_of(thresholds, 0), k)
+            return [self._search_with(one, q[j:j + 1], thresholds_of(thresholds, j), k)[0] for j in range(q.shape[0])]
         if self._screen is None:
             self._screen = Screen(self.dim)
         self._screen.extend(self._data)
         results = []
         for j in range(q.shape[0]):
-            found = self._screen.search(self._data, q[j], limit(thresholds, j), k)
+            found = self._screen.search(self._data, q[j], limit(thresholds, j), k, norm)
             results.append(found if found is not None else  # the screen steps aside: a float32 scan answers
-                           scan(self._data, q[j:j + 1], None if thresholds is None else thresholds[j:j + 1], k,
-                                max_norm=norm)[0])
+                           scan(self._data, q[j:j + 1], thresholds_of(thresholds, j), k, max_norm=norm)[0])
         return results
 
     def approximate(self, kind: str = "ivf", **params: Any) -> Any:
