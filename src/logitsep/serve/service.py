@@ -111,9 +111,9 @@ def pack_count(path: str | os.PathLike) -> int | None:
 def read_pack(path: str | os.PathLike, index: int) -> bytes:
     """The ``index``-th PNG of a pack."""
     with open(path, "rb") as f:
+        (n,) = struct.unpack("<I", f.read(len(PACK_MAGIC) + 4)[len(PACK_MAGIC):])
         f.seek(len(PACK_MAGIC) + 4 + 8 * index)
         begin, end = struct.unpack("<QQ", f.read(16))
-        n = pack_count(path)
         f.seek(len(PACK_MAGIC) + 4 + 8 * (n + 1) + begin)
         return f.read(end - begin)
 
@@ -338,10 +338,9 @@ class Service:
                 if known["digest"] != digest:
                     raise BadInput("Idempotency-Key was used before with other images: a new request needs a new "
                                    "key", 422)
-                start, count = known["start"], known["count"]
-                return {"added": count, "total": known["total"], "ids": list(range(start, start + count))}, True
+                return _answer(known["start"], known["count"], known["total"]), True
             start, vectors, total = self.ingest(pngs, on_commit, key=(key, digest))
-        return {"added": len(vectors), "total": total, "ids": list(range(start, start + len(vectors)))}, False
+        return _answer(start, len(vectors), total), False
 
     def _committed(self, entry: dict[str, Any]) -> bool:
         """Whether a key's ingest is the one committed at its ids (its pack is still the one it wrote)."""
@@ -454,22 +453,23 @@ class Service:
         """Announce committed items to the subscribers (:meth:`.stream.Broadcast.publish`)."""
         self.stream.publish(start, vectors, total)
 
+    def _announcer(self) -> Callable[[int, np.ndarray, int], None]:
+        """An ``on_commit`` that queues :meth:`publish` on the running event loop (called from the writer thread),
+        so the stream announces items in id order."""
+        loop = asyncio.get_running_loop()
+        return lambda start, vectors, total: loop.call_soon_threadsafe(self.publish, start, vectors, total)
+
     async def ingest_async(self, pngs: list[bytes]) -> dict[str, Any]:
         """:meth:`ingest` on the writer thread (:meth:`in_writer`); its :meth:`publish` is queued on the event loop
         at the commit, so the stream announces items in id order."""
-        loop = asyncio.get_running_loop()
-
-        def announce(start: int, vectors: np.ndarray, total: int) -> None:
-            loop.call_soon_threadsafe(self.publish, start, vectors, total)
-
-        start, vectors, total = await self.in_writer(self.ingest, pngs, announce)
-        return {"added": len(vectors), "total": total, "ids": list(range(start, start + len(vectors)))}
+        start, vectors, total = await self.in_writer(self.ingest, pngs, self._announcer())
+        return _answer(start, len(vectors), total)
 
     async def ingest_once_async(self, pngs: list[bytes], key: str) -> tuple[dict[str, Any], bool]:
         """:meth:`ingest_once` on the writer thread, announced as :meth:`ingest_async` does."""
-        loop = asyncio.get_running_loop()
+        return await self.in_writer(self.ingest_once, pngs, key, self._announcer())
 
-        def announce(start: int, vectors: np.ndarray, total: int) -> None:
-            loop.call_soon_threadsafe(self.publish, start, vectors, total)
 
-        return await self.in_writer(self.ingest_once, pngs, key, announce)
+def _answer(start: int, count: int, total: int) -> dict[str, Any]:
+    """The answer of an ingest: items added, the new total, their ids."""
+    return {"added": count, "total": total, "ids": list(range(start, start + count))}
