@@ -225,12 +225,12 @@ def test_gather_rows_refuses_unsorted_rows():
 # --------------------------------------------------------------------------------------------- RowSparseSGD
 
 
-def _sgd_pair(momentum=0.9, weight_decay=0.01, lr=0.1):
+def _sgd_pair(momentum=0.9, weight_decay=0.01, lr=0.1, catch_up=True, dtype=torch.float64):
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+    a = torch.nn.Parameter(torch.randn(8, 3, dtype=dtype))
     b = torch.nn.Parameter(a.detach().clone())
     ref = torch.optim.SGD([a], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    ours = RowSparseSGD([b], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    ours = RowSparseSGD([b], lr=lr, momentum=momentum, weight_decay=weight_decay, catch_up=catch_up)
     return a, b, ref, ours
 
 
@@ -257,9 +257,9 @@ def test_sparse_gradients_over_every_row_follow_torch_sgd():
     torch.testing.assert_close(b, a, rtol=1e-15, atol=1e-15)
 
 
-def test_sparse_gradients_move_only_their_rows_with_per_row_momentum():
+def test_lazy_rule_moves_only_the_touched_rows_with_per_row_momentum():
     lr, mu, wd = 0.1, 0.9, 0.01
-    _, p, _, opt = _sgd_pair(mu, wd, lr)
+    _, p, _, opt = _sgd_pair(mu, wd, lr, catch_up=False)
     theta = p.detach().clone()
     velocity = torch.zeros_like(theta)
     for step, rows in enumerate([[1, 4], [4, 6], [0, 1, 7], [4]]):
@@ -274,24 +274,97 @@ def test_sparse_gradients_move_only_their_rows_with_per_row_momentum():
     torch.testing.assert_close(p.detach()[untouched], _sgd_pair()[1].detach()[untouched], rtol=0, atol=0)
 
 
-def test_state_dict_round_trip_resumes_exactly():
+def _touch_schedule(steps):
+    """Rows touched at each step: row 0 always, row 1 every third step, row 2 at steps 5 and 700 (a gap longer
+    than horizon(0.9) = 349: the phi path), row 3 first at step 790, rows 4-7 never."""
+    for t in range(steps):
+        rows = [0] + ([1] if t % 3 == 0 else []) + ([2] if t in (5, 700) else []) + ([3] if t == 790 else [])
+        yield t, rows
+
+
+@pytest.mark.parametrize("mu", [0.9, 0.5])
+def test_catch_up_equals_dense_sgd_on_the_densified_gradients(mu):
+    # the reference is torch's SGD on gradients that are zero outside the touched rows (no weight decay): a
+    # skipped row keeps moving by its decaying momentum there, with each step's own learning rate
+    steps = 800
+    a, b, ref, ours = _sgd_pair(mu, 0.0, 0.1)
+    gen = torch.Generator().manual_seed(1)
+    for t, rows in _touch_schedule(steps):
+        lr = 0.05 * (1 + math.cos(math.pi * t / steps)) + 0.01
+        ref.param_groups[0]["lr"] = ours.param_groups[0]["lr"] = lr
+        values = torch.randn(len(rows), 3, dtype=torch.float64, generator=gen)
+        ours.catch_up(b, torch.tensor(rows))
+        torch.testing.assert_close(b.detach()[rows], a.detach()[rows], rtol=1e-13, atol=1e-13)  # what a forward reads
+        dense = torch.zeros(8, 3, dtype=torch.float64)
+        dense[rows] = values
+        a.grad = dense
+        b.grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, (8, 3), check_invariants=True)
+        ref.step()
+        ours.step()
+    lagging = b.detach().clone()
+    torch.testing.assert_close(ours.dense_view(b), a.detach(), rtol=1e-13, atol=1e-13)
+    assert torch.equal(b.detach(), lagging)  # dense_view changed nothing
+    ours.catch_up(b)
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-13, atol=1e-13)
+    assert not torch.equal(lagging[1], a.detach()[1])  # before the catch-up row 1 still waited for its momentum
+    ours.catch_up(b)  # idempotent
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-13, atol=1e-13)
+
+
+def test_catch_up_with_weight_decay_decays_at_touches_only():
+    lr, mu, wd = 0.1, 0.9, 0.05
+    _, p, _, opt = _sgd_pair(mu, wd, lr)
+    theta, velocity = p.detach().clone(), torch.zeros(8, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    for _, rows in _touch_schedule(40):
+        g = torch.randn(len(rows), 3, dtype=torch.float64, generator=gen)
+        p.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, (8, 3), check_invariants=True)
+        opt.step()
+        for r in range(8):  # the documented rule, one row at a time
+            if r in rows:
+                velocity[r] = mu * velocity[r] + g[rows.index(r)] + wd * theta[r]
+            else:
+                velocity[r] = mu * velocity[r]
+            theta[r] = theta[r] - lr * velocity[r]
+    opt.catch_up(p)
+    torch.testing.assert_close(p.detach(), theta, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_state_dict_round_trip_resumes_exactly(dtype, catch_up):
     def run(split):
-        _, p, _, opt = _sgd_pair()
-        for step in range(6):
+        _, p, _, opt = _sgd_pair(catch_up=catch_up, dtype=dtype)
+        for step in range(40):
             if step == split:
                 state = opt.state_dict()
-                saved = p.detach().clone()
-                p2 = torch.nn.Parameter(saved)
-                opt = RowSparseSGD([p2], lr=0.1, momentum=0.9, weight_decay=0.01)
+                p2 = torch.nn.Parameter(p.detach().clone())
+                opt = RowSparseSGD([p2], lr=0.1, momentum=0.9, weight_decay=0.01, catch_up=catch_up)
                 opt.load_state_dict(state)
                 p = p2
-            rows = torch.tensor([[step % 8, (step + 3) % 8]])
-            g = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            opt.param_groups[0]["lr"] = 0.1 / (1 + step) ** 0.5  # rates with no short float32 form
+            rows = torch.tensor([[step % 8, (3 * step) % 7]]).unique(dim=1)
+            opt.catch_up(p, rows[0])
+            g = torch.randn(rows.shape[1], 3, dtype=dtype, generator=torch.Generator().manual_seed(step))
             p.grad = torch.sparse_coo_tensor(rows, g, (8, 3), check_invariants=True)
             opt.step()
-        return p.detach()
+        opt.catch_up(p)
+        return p.detach(), opt.state_dict()
 
-    torch.testing.assert_close(run(split=3), run(split=None), rtol=0, atol=0)
+    (resumed, state), (once, _) = run(split=23), run(split=None)
+    torch.testing.assert_close(resumed, once, rtol=0, atol=0)
+    if catch_up:  # the counters stay integers and the rates float64 through load_state_dict
+        kept = state["state"][0]
+        assert kept["last_step"].dtype == kept["step"].dtype == torch.int64
+        assert kept["lr_history"].dtype == kept["phi"].dtype == torch.float64
+
+
+def test_catch_up_refuses_a_foreign_tensor_and_a_bad_flag():
+    _, p, _, opt = _sgd_pair()
+    with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
+        opt.catch_up(torch.zeros(8, 3), torch.tensor([0]))
+    with pytest.raises(TypeError, match="catch_up must be a bool"):
+        RowSparseSGD([p], lr=0.1, catch_up="yes")
 
 
 def test_training_step_through_sampled_loss_touches_only_candidate_rows():
@@ -305,3 +378,40 @@ def test_training_step_through_sampled_loss_touches_only_candidate_rows():
     opt.step()
     changed = (w.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == c.classes.tolist()
+
+
+def _sampled_nce_run(optimizer: str, steps: int = 30, k: int = 50):
+    """A two-layer model trained with sampled NCE on fixed candidate sets: RowSparseSGD with the catch-up before
+    each forward ("catch_up"), lazy ("lazy"), or torch SGD on the densified head gradients ("dense")."""
+    torch.manual_seed(0)
+    body = torch.nn.Linear(4, 4).double()
+    w = torch.nn.Parameter(torch.randn(k, 4, dtype=torch.float64) * 0.3)
+    b = torch.nn.Parameter(torch.zeros(k, dtype=torch.float64))
+    params = [*body.parameters(), w, b]
+    opt = (torch.optim.SGD(params, lr=0.2, momentum=0.9) if optimizer == "dense"
+           else RowSparseSGD(params, lr=0.2, momentum=0.9, catch_up=optimizer == "catch_up"))
+    loss = SampledLoss("nce", 6, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+        y = torch.randint(k, (5,), generator=gen)
+        c = loss.candidates(y, k, torch.float64)
+        if optimizer == "catch_up":
+            opt.catch_up(w, c.classes)
+            opt.catch_up(b, c.classes)
+        opt.zero_grad()
+        loss(body(x), w, b, y, candidates=c).backward()
+        if optimizer == "dense":
+            w.grad, b.grad = w.grad.to_dense(), b.grad.to_dense()
+        opt.step()
+    if optimizer != "dense":
+        opt.catch_up(w)
+        opt.catch_up(b)
+    return [p.detach() for p in params]
+
+
+def test_sampled_training_with_catch_up_equals_dense_sgd():
+    dense, ours, lazy = (_sampled_nce_run(o) for o in ("dense", "catch_up", "lazy"))
+    for a, b in zip(dense, ours, strict=True):  # features and head: every forward read what dense SGD had
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(lazy[-2], dense[-2], atol=1e-6)  # the lazy rule is another optimizer

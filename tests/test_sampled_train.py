@@ -100,7 +100,44 @@ def test_cli_trains_sampled_on_an_arrays_folder(tmp_path, capsys):
     np.save(tmp_path / "train_y.npy", y.astype(np.int64))
     run = tmp_path / "run"
     assert main(["train", "--data", str(tmp_path), "--model", "linear", "--loss", "batch_ce", "--sampled", "64",
-                 "--steps", "30", "--batch-size", "64", "--out", str(run), "--json"]) == 0
+                 "--steps", "30", "--warmup", "5", "--batch-size", "64", "--out", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["config"]["sampled"] == 64
+    assert result["config"]["sampled"] == 64 and result["config"]["warmup"] == 5
     assert result["test"]["accuracy"] > 1 / K
+
+
+def test_training_brings_the_candidate_rows_up_to_date_before_each_forward(many, tmp_path, monkeypatch):
+    from logitsep.losses.sampled import SampledLoss
+    from logitsep.optim import RowSparseSGD
+
+    events: list[tuple[str, tuple[int, ...], list[int]]] = []
+    catch_up, forward = RowSparseSGD.catch_up, SampledLoss.forward
+
+    def logged_catch_up(self, param, rows=None):
+        events.append(("catch_up", tuple(param.shape), [] if rows is None else sorted(rows.tolist())))
+        return catch_up(self, param, rows)
+
+    def logged_forward(self, h, weight, bias, target, candidates=None):
+        events.append(("forward", tuple(weight.shape), sorted(candidates.classes.tolist())))
+        return forward(self, h, weight, bias, target, candidates=candidates)
+
+    monkeypatch.setattr(RowSparseSGD, "catch_up", logged_catch_up)
+    monkeypatch.setattr(SampledLoss, "forward", logged_forward)
+    config = TrainConfig(dataset="blobs", model="linear", loss="nce", steps=6, lr=0.1, batch_size=16, seed=4,
+                         sampled=30)
+    train(config, data=many, out=tmp_path, progress=False, eval_splits=(), checkpoint_every=3)
+    forwards = [i for i, e in enumerate(events) if e[0] == "forward"]
+    assert len(forwards) == config.steps
+    for i in forwards:  # the head's weight and bias rows of exactly these candidates, just before
+        assert events[i - 2] == ("catch_up", (K, D), events[i][2])
+        assert events[i - 1] == ("catch_up", (K,), events[i][2])
+    # model.safetensors holds the caught-up head (dense SGD's); the checkpoint the head as the optimizer left it
+    # (its rows touched at the last step agree, the others still wait for their momentum)
+    checkpoint, model = load_file(str(tmp_path / "checkpoint.safetensors")), _weights(tmp_path)
+    last = next(v for key, v in checkpoint.items() if key.startswith("optimizer/") and key.endswith("/last_step")
+                and v.shape == (K,))
+    current = last == config.steps - 1
+    assert 0 < int(current.sum()) < K
+    saved, kept = model["head.weight"], checkpoint["model/head.weight"]
+    assert torch.equal(saved[current], kept[current])
+    assert not torch.equal(saved[~current], kept[~current])

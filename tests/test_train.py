@@ -93,6 +93,22 @@ def test_cosine_schedule_is_the_formula_at_each_step():
     assert {learning_rate(constant, s) for s in range(9)} == {0.4}
 
 
+def test_warmup_is_linear_then_the_schedule():
+    """η_s·(s + 1)/warmup for s < warmup (written out), the schedule's rate from step ``warmup`` on."""
+    cosine = TrainConfig(steps=10, lr=0.3, warmup=4)
+    plain = TrainConfig(steps=10, lr=0.3)
+    rates = [learning_rate(cosine, s) for s in range(10)]
+    assert rates[:4] == pytest.approx([learning_rate(plain, s) * (s + 1) / 4 for s in range(4)], rel=1e-15)
+    assert rates[4:] == [learning_rate(plain, s) for s in range(4, 10)]
+    assert learning_rate(cosine, 0) == pytest.approx(0.3 / 4, rel=1e-15)
+    constant = TrainConfig(steps=10, lr=0.3, schedule="constant", warmup=3)
+    assert [learning_rate(constant, s) for s in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3], rel=1e-15)
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0"):
+        TrainConfig(warmup=-1).validate()
+    with pytest.raises(ValueError, match="longer than the run"):
+        TrainConfig(steps=5, warmup=6).validate()
+
+
 def test_each_step_uses_the_rate_of_its_own_index(digits, tmp_path, monkeypatch):
     """The optimizer steps with η_0, η_1, …, η_{steps-1} (read from the optimizer at each step, not from the log)."""
     used = []

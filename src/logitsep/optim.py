@@ -1,42 +1,65 @@
 """SGD whose step touches only the rows a sparse gradient names: the optimizer of sampled training.
 
 :class:`RowSparseSGD` is ``torch.optim.SGD`` (heavy-ball momentum μ, weight decay λ, no dampening, no Nesterov)
-with one difference: a parameter whose gradient is a sparse COO tensor (a head's ``weight`` / ``bias`` gathered
-by :func:`logitsep.core.rows.gather_rows`) is updated on the gradient's rows ``R`` only, with **per-row momentum**
-(as Partial FC does):
+for parameters whose gradient is a sparse COO tensor (a head's ``weight`` / ``bias`` gathered by
+:func:`logitsep.core.rows.gather_rows`): a step updates the gradient's rows ``R`` only, ``O(|R|·d)`` whatever the
+number of rows. A dense gradient gets torch's rule exactly (``v ← μ·v + g + λ·θ``, ``v = g + λ·θ`` at the first
+step).
 
-    ``v[R] ← μ·v[R] + g[R] + λ·θ[R]``,   ``θ[R] ← θ[R] − η·v[R]``;   rows outside ``R``: unchanged.
+**Momentum of the rows a step skips** (``catch_up=True``, the default). Dense SGD keeps moving a row whose gradient
+is zero: ``v ← μ·v``, ``θ ← θ − η_s·v`` at every skipped step ``s``. Here a row's skipped steps are applied when it
+is next touched, in closed form: after skipping steps ``a+1 … b−1`` (``a`` its last update)
 
-A dense gradient gets torch's rule exactly (``v ← μ·v + g + λ·θ``, ``v = g + λ·θ`` at the first step). The two
-agree when every row is in ``R`` at every step (tested); otherwise the sparse rule is "lazy": dense SGD would keep
-moving an untouched row by its decaying momentum (and shrink it by weight decay), here it waits until the row is
-sampled again. A step costs ``O(|R|·d)`` for a sparse parameter, whatever its number of rows. The state
-(``momentum_buffer``, dense, the parameter's shape) and ``state_dict`` have torch SGD's layout, so the training
-checkpoints store and restore it unchanged (resume is exact).
+    ``θ ← θ − (Σ_{i=1}^{b−1−a} η_{a+i}·μ^i)·v``,   ``v ← μ^{b−1−a}·v``,
+
+with the learning rates of those steps (the optimizer keeps every step's rate; ``O(1)`` a row, see
+:func:`_skipped_displacement`), then the step's own update
+``v ← μ·v + g + λ·θ``, ``θ ← θ − η_b·v``. Call :meth:`catch_up` on the rows a step will read *before* its forward
+pass (training does: :func:`logitsep.losses.sampled.sample_candidates` first) and the rows it reads are those of
+dense SGD: with ``λ = 0`` the run equals ``torch.optim.SGD`` on the densified gradients to float rounding (tested,
+float64; the terms with ``μ^i < 2⁻⁵³`` are dropped). Weight decay is applied at a row's own steps only (the decay
+dense SGD would apply at skipped steps is not), as Partial FC does.
+
+``catch_up=False`` is Partial FC's "lazy" per-row momentum: a skipped row waits with its velocity unchanged and
+gets ``v ← μ·v + g`` at its next touch. It re-applies a velocity computed against features many steps old; on
+sampled NCE it diverged where the catch-up (and dense SGD) trained (README, "Many classes").
+
+The state (``momentum_buffer``, dense, the parameter's shape; for sparse parameters also ``step``, ``last_step``
+[rows], and ``lr_history`` and ``phi``, float64, one value a step) goes through ``state_dict`` /
+``load_state_dict`` with its dtypes kept, so the training checkpoints store and restore it (resume is exact).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["RowSparseSGD"]
 
+# state that load_state_dict restores with its own dtype (torch would cast it to the parameter's)
+_KEEP_DTYPE = ("step", "last_step", "lr_history", "phi")
+
 
 class RowSparseSGD(torch.optim.Optimizer):
     """See the module docstring. ``params`` as for any torch optimizer."""
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, catch_up: bool = True) -> None:
         if not lr > 0:
             raise ValueError(f"RowSparseSGD: lr must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"RowSparseSGD: momentum must be in [0, 1), got {momentum}")
         if not weight_decay >= 0:
             raise ValueError(f"RowSparseSGD: weight_decay must be non-negative, got {weight_decay}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        if not isinstance(catch_up, bool):
+            raise TypeError(f"RowSparseSGD: catch_up must be a bool, got {type(catch_up).__name__}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "catch_up": catch_up})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -50,16 +73,85 @@ class RowSparseSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    self._sparse_step(p, p.grad.coalesce(), lr, mu, wd)
+                    self._sparse_step(p, p.grad.coalesce(), group)
                 else:
                     self._dense_step(p, p.grad, lr, mu, wd)
         return loss
 
+    @torch.no_grad()
+    def catch_up(self, param: Tensor, rows: Tensor | None = None) -> None:
+        """Apply the steps the ``rows`` of ``param`` (all rows: ``None``) skipped since their last update (module
+        docstring), so that a forward pass reads them as dense SGD would have left them. Idempotent; a no-op
+        without momentum, with ``catch_up=False`` or for a parameter that has had no sparse step yet."""
+        pending = self._pending(param, rows)
+        if pending is not None:
+            rows, values, velocity = pending
+            param.index_copy_(0, rows, values)
+            self.state[param]["momentum_buffer"].index_copy_(0, rows, velocity)
+            self.state[param]["last_step"].index_fill_(0, rows, int(self.state[param]["step"]) - 1)
+
+    @torch.no_grad()
+    def dense_view(self, param: Tensor) -> Tensor:
+        """A copy of ``param`` with every row caught up (what dense SGD has now); ``param`` and the optimizer's
+        state are left as they are. Training saves and evaluates this while its checkpoint keeps ``param``, so a
+        resumed run takes the same steps as one never stopped."""
+        out = param.detach().clone()
+        pending = self._pending(param, None)
+        if pending is not None:
+            out.index_copy_(0, pending[0], pending[1])
+        return out
+
+    def _pending(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The stale ``rows`` of ``param`` and their caught-up values and velocities (``None``: nothing to do)."""
+        group = self._group_of(param)
+        state = self.state[param]
+        if not (group["catch_up"] and group["momentum"]) or "last_step" not in state:
+            return None
+        rows = (torch.arange(param.shape[0], device=param.device) if rows is None
+                else torch.unique(rows.to(param.device)))
+        now = int(state["step"])  # the step about to be taken: rows are brought up to date through now − 1
+        last = state["last_step"].index_select(0, rows)
+        skipped = now - 1 - last
+        stale = skipped > 0
+        if not bool(stale.any()):
+            return None
+        rows, last, skipped = rows[stale], last[stale], skipped[stale]
+        mu = group["momentum"]
+        coef = _skipped_displacement(state, last, skipped, mu)
+        velocity = state["momentum_buffer"].index_select(0, rows)
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        values = param.detach().index_select(0, rows) - velocity * coef.to(param.dtype).view(shape)
+        decay = torch.exp(skipped.double() * math.log(mu)).to(param.dtype).view(shape)
+        return rows, values, velocity * decay
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that the step counters and the rate history keep their dtypes (int64, float64; torch
+        would cast them to the parameter's)."""
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(saved_ids, params, strict=False))
+        kept = {pid: {key: value for key, value in st.items() if key in _KEEP_DTYPE}
+                for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        for pid, values in kept.items():
+            if pid in id_map:
+                for key, value in values.items():
+                    device = id_map[pid].device if key != "step" else value.device
+                    self.state[id_map[pid]][key] = value.to(device=device).clone()
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError("RowSparseSGD: the tensor is not one of this optimizer's parameters")
+
     def _dense_step(self, p: Tensor, g: Tensor, lr: float, mu: float, wd: float) -> None:
+        state = self.state[p]
+        if "last_step" in state:  # a parameter with sparse steps behind it: every row is brought up to date first
+            self.catch_up(p)
         if wd:
             g = g.add(p, alpha=wd)
         if mu:
-            state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
                 state["momentum_buffer"] = buf = g.detach().clone()
@@ -67,19 +159,76 @@ class RowSparseSGD(torch.optim.Optimizer):
                 buf.mul_(mu).add_(g)
             g = buf
         p.add_(g, alpha=-lr)
+        if "last_step" in state:
+            _record(state, lr, mu)
+            state["last_step"].fill_(int(state["step"]) - 1)
 
-    def _sparse_step(self, p: Tensor, g: Tensor, lr: float, mu: float, wd: float) -> None:
+    def _sparse_step(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         if g.sparse_dim() != 1:
             raise ValueError(f"RowSparseSGD: a sparse gradient must be sparse in its rows only (sparse_dim 1), "
                              f"got sparse_dim {g.sparse_dim()}")
         rows, values = g.indices()[0], g.values()
+        state = self.state[p]
+        if mu and group["catch_up"]:
+            if "last_step" not in state:  # rows at the state they have now: nothing skipped yet
+                state["step"] = torch.tensor(0, dtype=torch.int64)
+                state["last_step"] = torch.full((p.shape[0],), -1, dtype=torch.int64, device=p.device)
+                state["lr_history"] = torch.zeros(64, dtype=torch.float64, device=p.device)
+                state["phi"] = torch.zeros(64, dtype=torch.float64, device=p.device)
+            self.catch_up(p, rows)
         if wd:
             values = values + wd * p.index_select(0, rows)
         if mu:
-            state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:  # dense SGD starts its buffer at the first gradient; zeros then μ·0 + g is the same
                 state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
             values = buf.index_select(0, rows).mul_(mu).add_(values)
             buf.index_copy_(0, rows, values)
         p.index_add_(0, rows, values, alpha=-lr)
+        if "last_step" in state:
+            state["last_step"].index_fill_(0, rows, int(state["step"]))
+            _record(state, lr, mu)
+
+
+def horizon(mu: float) -> int:
+    """The number of skipped steps after which ``μ^i`` falls below ``2⁻⁵³``: later terms do not change a float64
+    sum of the earlier ones."""
+    return max(1, math.ceil(-53 * math.log(2) / math.log(mu)))
+
+
+def _powers(mu: float, n: int, device: torch.device) -> Tensor:
+    """``μ^1 … μ^n`` in float64."""
+    return torch.exp(torch.arange(1, n + 1, dtype=torch.float64, device=device) * math.log(mu))
+
+
+def _record(state: dict[str, Any], lr: float, mu: float) -> None:
+    """Count the step: append its rate to ``lr_history`` and, ``L = horizon(μ)`` steps after a step ``a``, the
+    whole displacement coefficient of a row last updated at ``a``, ``phi[a] = Σ_{i=1}^{L} η_{a+i}·μ^i``."""
+    step = int(state["step"])
+    if step >= len(state["lr_history"]):  # capacity doubled: O(1) per step on average
+        for key in ("lr_history", "phi"):
+            state[key] = torch.cat([state[key], torch.zeros_like(state[key])])
+    history = state["lr_history"]
+    history[step] = lr
+    width = horizon(mu)
+    if step >= width:
+        a = step - width
+        state["phi"][a] = history[a + 1:step + 1] @ _powers(mu, width, history.device)
+    state["step"] = torch.tensor(step + 1, dtype=torch.int64)
+
+
+def _skipped_displacement(state: dict[str, Any], last: Tensor, skipped: Tensor, mu: float) -> Tensor:
+    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64), ``O(1)`` a row. Rows skipped for more than
+    ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past ``L`` are below float64's resolution). The others:
+    with ``j = now − 1 − s``, the sum is ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``, a prefix of one
+    cumulative sum over the last ``L`` rates (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
+    now = int(state["step"])
+    width = min(horizon(mu), now)
+    recent = state["lr_history"][now - width:now].flip(0)  # η_{now−1}, η_{now−2}, …
+    suffix = torch.cumsum(recent / torch.cat([recent.new_ones(1), _powers(mu, width - 1, recent.device)]), 0)
+    short = skipped <= width
+    coef = torch.empty(len(skipped), dtype=torch.float64, device=recent.device)
+    coef[short] = torch.exp(skipped[short].double() * math.log(mu)) * suffix[skipped[short] - 1]
+    coef[~short] = state["phi"][last[~short].clamp_min(0)]  # −1: never updated, zero velocity
+    return coef

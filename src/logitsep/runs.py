@@ -67,6 +67,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    warmup: int = 0  # steps of linear warm-up: the rate is multiplied by (step + 1)/warmup before step ``warmup``
     seed: int = 0
     train_split: str = "train"
     head_scale: float = 1.0
@@ -98,6 +99,9 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay}")
         check_positive_int(self.sampled, "sampled", minimum=0)
+        check_positive_int(self.warmup, "warmup", minimum=0)
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup ({self.warmup} steps) is longer than the run ({self.steps} steps)")
         if not isinstance(self.shard_head, bool):
             raise TypeError(f"shard_head must be a bool, got {type(self.shard_head).__name__}")
         if self.shard_head and self.sampled:

@@ -41,12 +41,14 @@ only:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +110,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device: str | t
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """η_step: ``lr`` (constant) or ``lr·(1 + cos(π·step/steps))/2`` (cosine)."""
-    if config.schedule == "constant":
-        return config.lr
-    return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / config.steps))
+    """η_step: ``lr`` (constant) or ``lr·(1 + cos(π·step/steps))/2`` (cosine), times ``(step + 1)/warmup`` for
+    the first ``warmup`` steps (a linear warm-up; sampled NCE diverges without one at rates the exact loss takes:
+    README, "Many classes")."""
+    rate = config.lr if config.schedule == "constant" else \
+        0.5 * config.lr * (1.0 + math.cos(math.pi * step / config.steps))
+    return rate * (step + 1) / config.warmup if step < config.warmup else rate
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -239,9 +243,12 @@ def softmax_scale(config: TrainConfig) -> float:
 
 def _save_checkpoint(out: Path, model: nn.Module, opt_state: dict[str, Any], config: TrainConfig,
                      step: int, window: list[float], elapsed: float, world_size: int,
-                     disc: nn.Module | None = None) -> None:
+                     disc: nn.Module | None = None, resume_entries: dict[str, Tensor] | None = None) -> None:
+    """``model.safetensors`` holds ``model``; the checkpoint holds it too, with ``resume_entries`` in place of its
+    entries of those names (sampled training: the head's rows before their catch-up, see :func:`_dense_head`)."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors = {f"model/{k}": v for k, v in weights.items()}
+    resume = {**weights, **{k: v.detach().cpu().contiguous() for k, v in (resume_entries or {}).items()}}
+    tensors = {f"model/{k}": v for k, v in resume.items()}
     if disc is not None:  # meal_v2's discriminator: in the checkpoint only (the model files hold the student)
         tensors.update({f"disc/{k}": v.detach().cpu().contiguous() for k, v in disc.state_dict().items()})
     tensors.update({f"optimizer/{pid}/{key}": value.detach().cpu().contiguous()
@@ -550,7 +557,9 @@ def _checkpoint(s: _Session, step: int, elapsed: float) -> None:
             raise FloatingPointError(f"the weights became non-finite in the {step} steps done; no checkpoint was "
                                      "written with them")
     if s.writes:
-        _save_checkpoint(s.out, s.model, opt_state, s.config, step, s.window, elapsed, s.ctx.world_size, s.disc)
+        with _dense_head(s) as lagging:
+            _save_checkpoint(s.out, s.model, opt_state, s.config, step, s.window, elapsed, s.ctx.world_size,
+                             s.disc, lagging)
 
 
 def _finite(module: nn.Module) -> bool:
@@ -629,10 +638,12 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
             return sharded.sharded_loss(s.config.loss, s.net(xb), yb, s.head_shard, feature_grad=grad,
                                         **s.config.loss_kwargs)
     if s.config.sampled:  # the head's rows of the candidate classes only (losses.sampled)
-        h = s.net.embed(xb)
         head = s.model.head
+        candidates = s.loss_fn.candidates(yb, head.weight.shape[0], head.weight.dtype)
+        _catch_up_head(s, candidates.classes)  # the rows read below, as dense SGD would have left them
+        h = s.net.embed(xb)
         with value_checks(check_values):  # a non-finite loss is caught at the next flush, naming its step
-            return s.loss_fn(h, head.weight, head.bias, yb)
+            return s.loss_fn(h, head.weight, head.bias, yb, candidates=candidates)
     logits = s.net(xb)
     try:
         with value_checks(check_values):
@@ -648,13 +659,51 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
                                  "was written after it") from err
 
 
+def _catch_up_head(s: _Session, rows: Tensor) -> None:
+    """Sampled training: apply the momentum steps the head's ``rows`` skipped (optim module docstring), before a
+    forward pass reads them."""
+    if isinstance(s.optimizer, RowSparseSGD):
+        for p in (s.model.head.weight, s.model.head.bias):
+            if p is not None:
+                s.optimizer.catch_up(p, rows)
+
+
+@contextlib.contextmanager
+def _dense_head(s: _Session, keep: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Sampled training: within, the head's rows are all caught up (what dense SGD has: the model that is saved
+    and evaluated); yields the head's entries as they were, which the checkpoint keeps, so that a resumed run takes
+    the steps of one never stopped. On exit the head is put back, unless ``keep``. Otherwise a no-op."""
+    if not isinstance(s.optimizer, RowSparseSGD):
+        yield {}
+        return
+    params = {name: p for name, p in s.model.named_parameters() if name.startswith("head.")}
+    lagging = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(s.optimizer.dense_view(p))
+    try:
+        yield lagging
+    finally:
+        if not keep:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(lagging[name])
+
+
 def _finish(s: _Session, seconds: float, last_loss: float | None,
             eval_splits: tuple[str, ...]) -> tuple[SLCModel, dict[str, Any]]:
     """Evaluate on ``eval_splits`` and write the final checkpoint, ``metrics.json`` and ``thresholds.json``."""
-    config, model = s.config, s.model
+    config = s.config
     result: dict[str, Any] = {"config": asdict(config), "steps": config.steps, "train_seconds": round(seconds, 2),
                               "final_train_loss": last_loss, "world_size": s.ctx.world_size}
     opt_state = _optimizer_state(s)  # a collective under --shard-head: rank 0's head gets its rows for evaluation
+    with _dense_head(s, keep=True) as lagging:  # sampled training: the model returned, evaluated and saved
+        return _evaluate_and_save(s, seconds, opt_state, result, lagging, eval_splits)
+
+
+def _evaluate_and_save(s: _Session, seconds: float, opt_state: dict[str, Any], result: dict[str, Any],
+                       lagging: dict[str, Tensor], eval_splits: tuple[str, ...]) -> tuple[SLCModel, dict[str, Any]]:
+    config, model = s.config, s.model
     if s.out is not None:
         _check_finite_weights(model if s.head_shard is None or s.ctx.is_main else model.features, config.steps)
     if not s.ctx.is_main:
@@ -669,7 +718,7 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
     if s.out is not None:
         write_json(s.out / METRICS, result)
         _save_checkpoint(s.out, model, opt_state, config, config.steps, s.window,
-                         s.elapsed_before + seconds, s.ctx.world_size, s.disc)
+                         s.elapsed_before + seconds, s.ctx.world_size, s.disc, lagging)
         _write_thresholds(s)
     return model, result
 

@@ -74,8 +74,11 @@ def build_step(path: str, loss: str, k: int, dim: int, batch: int, sampled: int,
         sampled_fn = SampledLoss(loss, sampled)
         opt = RowSparseSGD(params, lr=0.01, momentum=0.9)
 
-        def objective() -> torch.Tensor:
-            return sampled_fn(features(x), head.weight, head.bias, y)
+        def objective() -> torch.Tensor:  # as training does: candidates, their rows brought up to date, the loss
+            c = sampled_fn.candidates(y, k)
+            opt.catch_up(head.weight, c.classes)
+            opt.catch_up(head.bias, c.classes)
+            return sampled_fn(features(x), head.weight, head.bias, y, candidates=c)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                    help="learning rate: cosine decay from --lr to 0 over --steps (default), or constant")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="linear warm-up: the rate grows from lr/N to the schedule's over the first N steps "
+                        "(default 0: none)")
     p.add_argument("--out", required=True, help="run folder (checkpoint, log.csv, metrics.json)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same settings; --steps may grow)")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          loss_kwargs=loss_kwargs(args.parser, args.loss_arg), train_split=args.train_split,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         sampled=args.sampled, shard_head=args.shard_head)
+                         warmup=args.warmup, sampled=args.sampled, shard_head=args.shard_head)
     _, result = train(config, out=args.out, resume=args.resume, eval_splits=("valid", "test"),
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard)
     if rank() != 0:  # under torchrun only rank 0 reports

@@ -226,9 +226,18 @@ class SampledLoss(nn.Module):
         self.generator, self.loss_kwargs = generator, loss_kwargs
         self.pols_aligned = spec.pols_aligned
 
-    def forward(self, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
+    def candidates(self, target: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Candidates:
+        """The candidate set of a step on ``target`` (``nce``: drawn from its ``noise``), for :meth:`forward`'s
+        ``candidates`` (training draws it first, to bring those head rows up to date before the forward pass:
+        :meth:`logitsep.optim.RowSparseSGD.catch_up`)."""
+        noise = self.loss_kwargs.get("noise") if self.name == "nce" else None
+        q = None if noise is None else check_noise(noise, k, target.device, dtype)
+        return sample_candidates(target, k, self.num_sampled, noise=q, generator=self.generator, dtype=dtype)
+
+    def forward(self, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                candidates: Candidates | None = None) -> Tensor:
         return SAMPLED_FORMS[self.name](h, weight, bias, target, self.num_sampled, generator=self.generator,
-                                  reduction=self.reduction, **self.loss_kwargs)
+                                        reduction=self.reduction, candidates=candidates, **self.loss_kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.name}, num_sampled={self.num_sampled}"
