@@ -180,7 +180,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("number of classes k")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # the memory panel is empty under --no-memory
+            ax.legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"Training step vs k: batch {r0['batch']}, d={r0['dim']}, {r0['threads']} thread(s), "
                  f"{environment()['processor']}", fontsize=9)
