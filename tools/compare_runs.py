@@ -21,10 +21,10 @@ def row(run: Path) -> dict:
     result = json.loads((run / "metrics.json").read_text())
     config = result["config"]
     test = result.get("test", {})
-    return {"run": run.name, "loss": config["loss"], "sampled": config.get("sampled", 0), "lr": config["lr"],
-            "steps": config["steps"], "batch_size": config["batch_size"], "model": config["model"],
-            "train_seconds": result["train_seconds"], **{m: test.get(m) for m in METRICS},
-            "all_logits_auprc": (test.get("all_logits") or {}).get("auprc")}
+    return {"run": run.name, "loss": config["loss"], "sampled": config.get("sampled", 0),
+            "warmup": config.get("warmup", 0), "lr": config["lr"], "steps": config["steps"],
+            "batch_size": config["batch_size"], "model": config["model"], "train_seconds": result["train_seconds"],
+            **{m: test.get(m) for m in METRICS}, "all_logits_auprc": (test.get("all_logits") or {}).get("auprc")}
 
 
 def main() -> None:
