@@ -2,7 +2,10 @@
 
 Sampled training (``sampled`` > 0 in the config, ``--sampled N``): the loss's sampled form
 (:mod:`logitsep.losses.sampled`) scores the batch's classes plus ``N`` drawn ones, the head gets a sparse gradient
-and :class:`logitsep.optim.RowSparseSGD` updates those rows only, so a step's cost does not grow with k.
+and :class:`logitsep.optim.RowSparseSGD` updates those rows only, so a step's cost does not grow with k. The
+candidates are drawn first and their rows brought up to date (the momentum steps they skipped) before the forward
+pass reads them; ``model.safetensors`` and the evaluation hold every row caught up, the checkpoint the rows as the
+optimizer left them (a resumed run takes the same steps).
 
 Class-sharded head (``shard_head`` in the config, ``--shard-head`` under ``torchrun``): the backbone stays
 data-parallel and every process holds ``k/N`` rows of the head (:mod:`logitsep.sharded`; the loss of the global
@@ -13,7 +16,8 @@ folder reads it unchanged.
 
 Optimiser: ``torch.optim.SGD`` with heavy-ball momentum μ (default 0.9) and optional weight decay λ:
 ``v ← μ·v + (g + λ·θ)``, ``θ ← θ − η_t·v``, with the learning rate η_t decayed by a cosine from ``lr`` at step 0
-towards 0 at step ``steps`` (``schedule="cosine"``), or constant. The paper (Keren, Sabato & Schuller, ICDM 2018,
+towards 0 at step ``steps`` (``schedule="cosine"``), or constant, times a linear warm-up over the first
+``warmup`` steps (default none). The paper (Keren, Sabato & Schuller, ICDM 2018,
 Section VI-A) picks ``lr`` from {1, 0.1, 0.01, 0.001} by validation accuracy; ``logitsep reproduce`` does that.
 
 The batch order is a pure function of ``(seed, step)`` (:func:`batch_indices`), and the checkpoint holds the
@@ -703,6 +707,8 @@ def _finish(s: _Session, seconds: float, last_loss: float | None,
 
 def _evaluate_and_save(s: _Session, seconds: float, opt_state: dict[str, Any], result: dict[str, Any],
                        lagging: dict[str, Tensor], eval_splits: tuple[str, ...]) -> tuple[SLCModel, dict[str, Any]]:
+    """:func:`_finish`'s work on the model as saved (``lagging``: the checkpoint's head entries, see
+    :func:`_dense_head`)."""
     config, model = s.config, s.model
     if s.out is not None:
         _check_finite_weights(model if s.head_shard is None or s.ctx.is_main else model.features, config.steps)
