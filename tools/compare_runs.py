@@ -35,7 +35,7 @@ def main() -> None:
     rows = [row(r) for r in args.runs]
     env = environment()
     write_json(args.out.with_suffix(".json"), {"command": command_line(), "environment": env, "rows": rows})
-    cols = ["run", "loss", "sampled", "lr", "steps", "train_seconds", *METRICS, "all_logits_auprc"]
+    cols = ["run", "loss", "sampled", "warmup", "lr", "steps", "train_seconds", *METRICS, "all_logits_auprc"]
 
     def fmt(v: object) -> str:
         return f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
