@@ -359,6 +359,32 @@ def test_state_dict_round_trip_resumes_exactly(dtype, catch_up):
         assert kept["lr_history"].dtype == kept["phi"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("between", ["nothing", "state_dict", "resume", "other_rows"])
+def test_velocities_kept_back_by_catch_up_reach_the_state(between):
+    """catch_up keeps the caught-up velocities for the next step; a state_dict (or a resume from it) or a
+    catch-up of other rows in between writes them first, and every path takes the same steps."""
+    def run(mode):
+        _, p, _, opt = _sgd_pair(weight_decay=0.0)
+        for step, rows in _touch_schedule(30):  # at step 21 row 1 comes back after two skipped steps
+            rows = torch.tensor(rows)
+            opt.catch_up(p, rows)
+            if step == 21 and mode == "state_dict":
+                opt.state_dict()
+            if step == 21 and mode == "resume":
+                state = opt.state_dict()
+                p = torch.nn.Parameter(p.detach().clone())
+                opt = RowSparseSGD([p], lr=0.1, momentum=0.9)
+                opt.load_state_dict(state)
+            if step == 21 and mode == "other_rows":
+                opt.catch_up(p, torch.tensor([5, 6]))
+            g = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            p.grad = torch.sparse_coo_tensor(rows[None], g, (8, 3), check_invariants=True)
+            opt.step()
+        return opt.dense_view(p)
+
+    torch.testing.assert_close(run(between), run("nothing"), rtol=0, atol=0)
+
+
 def test_catch_up_refuses_a_foreign_tensor_and_a_bad_flag():
     _, p, _, opt = _sgd_pair()
     with pytest.raises(ValueError, match="not one of this optimizer's parameters"):

@@ -31,6 +31,7 @@ The state (``momentum_buffer``, dense, the parameter's shape; for sparse paramet
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from itertools import chain
@@ -60,6 +61,7 @@ class RowSparseSGD(torch.optim.Optimizer):
             raise TypeError(f"RowSparseSGD: catch_up must be a bool, got {type(catch_up).__name__}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                   "catch_up": catch_up})
+        self._deferred: dict[Tensor, tuple[Tensor, Tensor]] = {}  # catch_up's velocities, for the next step
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -82,13 +84,15 @@ class RowSparseSGD(torch.optim.Optimizer):
     def catch_up(self, param: Tensor, rows: Tensor | None = None) -> None:
         """Apply the steps the ``rows`` of ``param`` (all rows: ``None``) skipped since their last update (module
         docstring), so that a forward pass reads them as dense SGD would have left them. Idempotent; a no-op
-        without momentum, with ``catch_up=False`` or for a parameter that has had no sparse step yet."""
-        pending = self._pending(param, rows)
-        if pending is not None:
-            rows, values, velocity = pending
-            param.index_copy_(0, rows, values)
-            self.state[param]["momentum_buffer"].index_copy_(0, rows, velocity)
-            self.state[param]["last_step"].index_fill_(0, rows, int(self.state[param]["step"]) - 1)
+        without momentum, with ``catch_up=False`` or for a parameter that has had no sparse step yet.
+
+        The rows' caught-up velocities are kept for the next :meth:`step` (which would read them back from the
+        momentum buffer) and written to the buffer only if something else comes first (another catch-up,
+        :meth:`state_dict`): one gather and one scatter of ``|rows|·d`` numbers fewer a step."""
+        self._flush(param)
+        fresh = self._fresh(param, rows)
+        if fresh is not None:
+            self._deferred[param] = fresh
 
     @torch.no_grad()
     def dense_view(self, param: Tensor) -> Tensor:
@@ -96,33 +100,60 @@ class RowSparseSGD(torch.optim.Optimizer):
         state are left as they are. Training saves and evaluates this while its checkpoint keeps ``param``, so a
         resumed run takes the same steps as one never stopped."""
         out = param.detach().clone()
-        pending = self._pending(param, None)
-        if pending is not None:
-            out.index_copy_(0, pending[0], pending[1])
+        stale = self._stale(param, None)
+        if stale is not None:  # (rows caught up for the next step are not stale: no kept-back velocity here)
+            rows, coef, _ = stale
+            out.index_add_(0, rows, self.state[param]["momentum_buffer"].index_select(0, rows) * -coef)
         return out
 
-    def _pending(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The stale ``rows`` of ``param`` and their caught-up values and velocities (``None``: nothing to do)."""
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, with any velocities kept back by :meth:`catch_up` written to the momentum buffers first."""
+        for param in list(self._deferred):
+            self._flush(param)
+        return super().state_dict()
+
+    def _stale(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``rows`` of ``param`` (all: ``None``; sorted, distinct), their displacement coefficients and velocity
+        decays (shaped to broadcast over a row; 0 and 1 for a row with nothing skipped, so every row takes the
+        same arithmetic); ``None`` if no row skipped a step or no catch-up applies."""
         group = self._group_of(param)
         state = self.state[param]
         if not (group["catch_up"] and group["momentum"]) or "last_step" not in state:
             return None
-        rows = (torch.arange(param.shape[0], device=param.device) if rows is None
-                else torch.unique(rows.to(param.device)))
+        rows = _distinct_rows(param, rows)
         now = int(state["step"])  # the step about to be taken: rows are brought up to date through now − 1
         last = state["last_step"].index_select(0, rows)
         skipped = now - 1 - last
-        stale = skipped > 0
-        if not bool(stale.any()):
+        if len(rows) == 0 or int(skipped.max()) <= 0:
             return None
-        rows, last, skipped = rows[stale], last[stale], skipped[stale]
         mu = group["momentum"]
-        coef = _skipped_displacement(state, last, skipped, mu)
-        velocity = state["momentum_buffer"].index_select(0, rows)
         shape = (-1,) + (1,) * (param.dim() - 1)
-        values = param.detach().index_select(0, rows) - velocity * coef.to(param.dtype).view(shape)
+        coef = _skipped_displacement(state, last, skipped, mu).to(param.dtype).view(shape)
         decay = torch.exp(skipped.double() * math.log(mu)).to(param.dtype).view(shape)
-        return rows, values, velocity * decay
+        return rows, coef, decay
+
+    def _fresh(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Bring ``rows`` up to date: the parameter's rows moved, ``last_step`` set; returns the rows (sorted,
+        distinct) and their caught-up velocities, not yet written to the buffer. ``None`` where no catch-up
+        applies (lazy rule, no momentum, no sparse step yet)."""
+        group, state = self._group_of(param), self.state[param]
+        if not (group["catch_up"] and group["momentum"]) or "last_step" not in state:
+            return None
+        rows = _distinct_rows(param, rows)
+        velocity = state["momentum_buffer"].index_select(0, rows)
+        stale = self._stale(param, rows)
+        if stale is not None:
+            _, coef, decay = stale
+            param.index_add_(0, rows, velocity * -coef)
+            velocity.mul_(decay)
+            state["last_step"].index_fill_(0, rows, int(state["step"]) - 1)
+        return rows, velocity
+
+    def _flush(self, param: Tensor) -> None:
+        """Write a velocity kept back by :meth:`catch_up` to the momentum buffer."""
+        deferred = self._deferred.pop(param, None)
+        if deferred is not None:
+            self.state[param]["momentum_buffer"].index_copy_(0, *deferred)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, except that the step counters and the rate history keep their dtypes (int64, float64; torch
@@ -132,6 +163,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         id_map = dict(zip(saved_ids, params, strict=False))
         kept = {pid: {key: value for key, value in st.items() if key in _KEEP_DTYPE}
                 for pid, st in state_dict["state"].items()}
+        self._deferred.clear()  # velocities kept back for the state being replaced
         super().load_state_dict(state_dict)
         for pid, values in kept.items():
             if pid in id_map:
@@ -149,6 +181,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         state = self.state[p]
         if "last_step" in state:  # a parameter with sparse steps behind it: every row is brought up to date first
             self.catch_up(p)
+            self._flush(p)
         if wd:
             g = g.add(p, alpha=wd)
         if mu:
@@ -168,27 +201,41 @@ class RowSparseSGD(torch.optim.Optimizer):
         if g.sparse_dim() != 1:
             raise ValueError(f"RowSparseSGD: a sparse gradient must be sparse in its rows only (sparse_dim 1), "
                              f"got sparse_dim {g.sparse_dim()}")
-        rows, values = g.indices()[0], g.values()
+        rows, values = g.indices()[0], g.values()  # coalesced: sorted, distinct
         state = self.state[p]
+        if mu and "momentum_buffer" not in state:  # dense SGD starts at the first gradient: μ·0 + g is the same
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         if mu and group["catch_up"]:
             if "last_step" not in state:  # rows at the state they have now: nothing skipped yet
                 state["step"] = torch.tensor(0, dtype=torch.int64)
                 state["last_step"] = torch.full((p.shape[0],), -1, dtype=torch.int64, device=p.device)
                 state["lr_history"] = torch.zeros(64, dtype=torch.float64, device=p.device)
                 state["phi"] = torch.zeros(64, dtype=torch.float64, device=p.device)
-            self.catch_up(p, rows)
+            deferred = self._deferred.get(p)
+            if deferred is None or not torch.equal(deferred[0], rows):  # not caught up by the caller: now
+                self.catch_up(p, rows)
+            previous = self._deferred.pop(p)[1]  # these rows' caught-up velocities (written below)
+        elif mu:
+            previous = state["momentum_buffer"].index_select(0, rows)
         if wd:
             values = values + wd * p.index_select(0, rows)
         if mu:
-            buf = state.get("momentum_buffer")
-            if buf is None:  # dense SGD starts its buffer at the first gradient; zeros then μ·0 + g is the same
-                state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            values = buf.index_select(0, rows).mul_(mu).add_(values)
-            buf.index_copy_(0, rows, values)
+            values = previous.mul_(mu).add_(values)
+            state["momentum_buffer"].index_copy_(0, rows, values)
         p.index_add_(0, rows, values, alpha=-lr)
         if "last_step" in state:
             state["last_step"].index_fill_(0, rows, int(state["step"]))
             _record(state, lr, mu)
+
+
+def _distinct_rows(param: Tensor, rows: Tensor | None) -> Tensor:
+    """``rows`` sorted and distinct (all of ``param``'s for ``None``); rows already so are taken as they are."""
+    if rows is None:
+        return torch.arange(param.shape[0], device=param.device)
+    rows = rows.to(param.device)
+    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        rows = torch.unique(rows)
+    return rows
 
 
 def horizon(mu: float) -> int:
@@ -197,8 +244,9 @@ def horizon(mu: float) -> int:
     return max(1, math.ceil(-53 * math.log(2) / math.log(mu)))
 
 
+@functools.lru_cache(maxsize=16)
 def _powers(mu: float, n: int, device: torch.device) -> Tensor:
-    """``μ^1 … μ^n`` in float64."""
+    """``μ^1 … μ^n`` in float64 (cached: the same few ``n`` every step; callers do not modify it)."""
     return torch.exp(torch.arange(1, n + 1, dtype=torch.float64, device=device) * math.log(mu))
 
 
@@ -219,16 +267,15 @@ def _record(state: dict[str, Any], lr: float, mu: float) -> None:
 
 
 def _skipped_displacement(state: dict[str, Any], last: Tensor, skipped: Tensor, mu: float) -> Tensor:
-    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64), ``O(1)`` a row. Rows skipped for more than
-    ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past ``L`` are below float64's resolution). The others:
-    with ``j = now − 1 − s``, the sum is ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``, a prefix of one
-    cumulative sum over the last ``L`` rates (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
+    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64; 0 where ``skipped`` is 0), ``O(1)`` a row. Rows
+    skipped for more than ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past ``L`` are below float64's
+    resolution). The others: with ``j = now − 1 − s``, the sum is ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``,
+    a prefix of one cumulative sum over the last ``L`` rates (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
     now = int(state["step"])
     width = min(horizon(mu), now)
     recent = state["lr_history"][now - width:now].flip(0)  # η_{now−1}, η_{now−2}, …
     suffix = torch.cumsum(recent / torch.cat([recent.new_ones(1), _powers(mu, width - 1, recent.device)]), 0)
-    short = skipped <= width
-    coef = torch.empty(len(skipped), dtype=torch.float64, device=recent.device)
-    coef[short] = torch.exp(skipped[short].double() * math.log(mu)) * suffix[skipped[short] - 1]
-    coef[~short] = state["phi"][last[~short].clamp_min(0)]  # −1: never updated, zero velocity
-    return coef
+    short = torch.exp(skipped.double() * math.log(mu)) * suffix[(skipped.clamp(1, width) - 1)]
+    long = state["phi"][last.clamp_min(0)]  # last −1: never updated, zero velocity
+    coef = torch.where(skipped <= width, short, long)
+    return torch.where(skipped > 0, coef, 0.0)
