@@ -151,7 +151,7 @@ def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), path
             del steps
             gc.collect()
     sampled_rows = [r for r in rows if r["path"] == "sampled"]
-    meets = {n: bool(max(r["ratio"] for r in sampled_rows if r["loss"] == n) <= TARGET)
+    meets = {n: bool(max((r for r in sampled_rows if r["loss"] == n), key=lambda r: r["classes"])["ratio"] <= TARGET)
              for n in losses if any(r["loss"] == n for r in sampled_rows)}
     result: dict[str, Any] = {"rows": rows, "target": TARGET, "meets_target": meets, "files": []}
     if out is not None and rows:
