@@ -100,10 +100,11 @@ class RowSparseSGD(torch.optim.Optimizer):
         state are left as they are. Training saves and evaluates this while its checkpoint keeps ``param``, so a
         resumed run takes the same steps as one never stopped."""
         out = param.detach().clone()
-        stale = self._stale(param, None)
+        mu = self._catch_up_momentum(param)
+        stale = None if mu is None else self._stale(param, _distinct_rows(param, None), mu)
         if stale is not None:  # (rows caught up for the next step are not stale: no kept-back velocity here)
-            rows, coef, _ = stale
-            out.index_add_(0, rows, self.state[param]["momentum_buffer"].index_select(0, rows) * -coef)
+            coef, _ = stale
+            out -= self.state[param]["momentum_buffer"] * coef
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -112,38 +113,42 @@ class RowSparseSGD(torch.optim.Optimizer):
             self._flush(param)
         return super().state_dict()
 
-    def _stale(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``rows`` of ``param`` (all: ``None``; sorted, distinct), their displacement coefficients and velocity
-        decays (shaped to broadcast over a row; 0 and 1 for a row with nothing skipped, so every row takes the
-        same arithmetic); ``None`` if no row skipped a step or no catch-up applies."""
+    def _catch_up_momentum(self, param: Tensor) -> float | None:
+        """μ where the catch-up applies to ``param`` (momentum, ``catch_up=True``, a sparse step behind it), else
+        ``None``."""
         group = self._group_of(param)
-        state = self.state[param]
-        if not (group["catch_up"] and group["momentum"]) or "last_step" not in state:
+        if not (group["catch_up"] and group["momentum"]) or "last_step" not in self.state[param]:
             return None
-        rows = _distinct_rows(param, rows)
+        return group["momentum"]
+
+    def _stale(self, param: Tensor, rows: Tensor, mu: float) -> tuple[Tensor, Tensor] | None:
+        """For ``rows`` of ``param`` (sorted, distinct): their displacement coefficients and velocity decays
+        (shaped to broadcast over a row; 0 and 1 for a row with nothing skipped, so every row takes the same
+        arithmetic); ``None`` if no row skipped a step."""
+        state = self.state[param]
         now = int(state["step"])  # the step about to be taken: rows are brought up to date through now − 1
         last = state["last_step"].index_select(0, rows)
         skipped = now - 1 - last
         if len(rows) == 0 or int(skipped.max()) <= 0:
             return None
-        mu = group["momentum"]
         shape = (-1,) + (1,) * (param.dim() - 1)
-        coef = _skipped_displacement(state, last, skipped, mu).to(param.dtype).view(shape)
-        decay = torch.exp(skipped.double() * math.log(mu)).to(param.dtype).view(shape)
-        return rows, coef, decay
+        decay = torch.exp(skipped.double() * math.log(mu))
+        coef = _skipped_displacement(state, last, skipped, decay, mu)
+        return coef.to(param.dtype).view(shape), decay.to(param.dtype).view(shape)
 
     def _fresh(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Bring ``rows`` up to date: the parameter's rows moved, ``last_step`` set; returns the rows (sorted,
         distinct) and their caught-up velocities, not yet written to the buffer. ``None`` where no catch-up
         applies (lazy rule, no momentum, no sparse step yet)."""
-        group, state = self._group_of(param), self.state[param]
-        if not (group["catch_up"] and group["momentum"]) or "last_step" not in state:
+        mu = self._catch_up_momentum(param)
+        if mu is None:
             return None
+        state = self.state[param]
         rows = _distinct_rows(param, rows)
         velocity = state["momentum_buffer"].index_select(0, rows)
-        stale = self._stale(param, rows)
+        stale = self._stale(param, rows, mu)
         if stale is not None:
-            _, coef, decay = stale
+            coef, decay = stale
             param.index_add_(0, rows, velocity * -coef)
             velocity.mul_(decay)
             state["last_step"].index_fill_(0, rows, int(state["step"]) - 1)
@@ -266,16 +271,18 @@ def _record(state: dict[str, Any], lr: float, mu: float) -> None:
     state["step"] = torch.tensor(step + 1, dtype=torch.int64)
 
 
-def _skipped_displacement(state: dict[str, Any], last: Tensor, skipped: Tensor, mu: float) -> Tensor:
-    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64; 0 where ``skipped`` is 0), ``O(1)`` a row. Rows
-    skipped for more than ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past ``L`` are below float64's
-    resolution). The others: with ``j = now − 1 − s``, the sum is ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``,
-    a prefix of one cumulative sum over the last ``L`` rates (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
+def _skipped_displacement(state: dict[str, Any], last: Tensor, skipped: Tensor, decay: Tensor,
+                          mu: float) -> Tensor:
+    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64; 0 where ``skipped`` is 0), ``O(1)`` a row; ``decay``
+    is ``μ^skipped`` (float64). Rows skipped for more than ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past
+    ``L`` are below float64's resolution). The others: with ``j = now − 1 − s``, the sum is
+    ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``, a prefix of one cumulative sum over the last ``L`` rates
+    (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
     now = int(state["step"])
     width = min(horizon(mu), now)
     recent = state["lr_history"][now - width:now].flip(0)  # η_{now−1}, η_{now−2}, …
     suffix = torch.cumsum(recent / torch.cat([recent.new_ones(1), _powers(mu, width - 1, recent.device)]), 0)
-    short = torch.exp(skipped.double() * math.log(mu)) * suffix[(skipped.clamp(1, width) - 1)]
+    short = decay * suffix[(skipped.clamp(1, width) - 1)]
     long = state["phi"][last.clamp_min(0)]  # last −1: never updated, zero velocity
     coef = torch.where(skipped <= width, short, long)
     return torch.where(skipped > 0, coef, 0.0)

@@ -680,7 +680,7 @@ def _dense_head(s: _Session, keep: bool = False) -> Iterator[dict[str, Tensor]]:
     if not isinstance(s.optimizer, RowSparseSGD):
         yield {}
         return
-    params = {name: p for name, p in s.model.named_parameters() if name.startswith("head.")}
+    params = dict(s.model.head.named_parameters(prefix="head"))  # the names of model.state_dict()
     lagging = {name: p.detach().clone() for name, p in params.items()}
     with torch.no_grad():
         for p in params.values():
