@@ -6,9 +6,9 @@ without a linear warm-up.
 
 Data (documented structure, seeded): k Gaussian class means in 64 dimensions (N(0, I)), 20 training examples per
 class at noise 1.5, one test example per class. Model: 64 → 256 → ReLU → 128 features → k-class linear head;
-SGD momentum 0.9, cosine rate from ``--lr``, batch 128. Writes ``OUT.json`` and ``OUT.md`` (with the command and
-the machine): test accuracy and the true logit against the highest false one at the end, or the step where the
-loss became non-finite.
+SGD momentum 0.9, the cosine rate and warm-up of ``logitsep train`` (``train.learning_rate``), batch 128. Writes
+``OUT.json`` and ``OUT.md`` (with the command and the machine): test accuracy and the true logit against the
+highest false one at the end, or the step where the loss became non-finite.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from logitsep.core.files import write_json, write_text
 from logitsep.core.provenance import command_line, environment
 from logitsep.losses import SampledLoss, nce, value_checks
 from logitsep.optim import RowSparseSGD
+from logitsep.train import TrainConfig, learning_rate
 
 
 def run(mode: str, warmup: int, k: int, steps: int, lr: float, sampled: int) -> dict:
@@ -40,11 +41,11 @@ def run(mode: str, warmup: int, k: int, steps: int, lr: float, sampled: int) -> 
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if mode == "exact"
            else RowSparseSGD(params, lr=lr, momentum=0.9, catch_up=mode == "sampled, catch-up"))
     loss_fn = SampledLoss("nce", sampled, generator=torch.Generator().manual_seed(2))
+    schedule = TrainConfig(steps=steps, lr=lr, warmup=warmup)  # the cosine rate and warm-up of logitsep train
     began = time.perf_counter()
     for step in range(steps):
-        rate = 0.5 * lr * (1 + math.cos(math.pi * step / steps)) * min(1.0, (step + 1) / max(warmup, 1))
         for group in opt.param_groups:
-            group["lr"] = rate
+            group["lr"] = learning_rate(schedule, step)
         idx = torch.randint(len(y), (128,), generator=g)
         yb = y[idx]
         if mode == "exact":
