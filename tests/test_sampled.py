@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -129,6 +130,25 @@ def test_inclusion_frequency_matches_the_weights(k, n):
     others = torch.cat([freq[:3], freq[4:]])
     assert abs(float(others.mean()) - expected) < 0.01
     assert float((others - expected).abs().max()) < 5 * math.sqrt(expected * (1 - expected) / trials) + 0.01
+
+
+@pytest.mark.parametrize("k,y", [(14, [0, 5, 6, 13]), (13, [1, 2, 12])])
+def test_uniform_candidates_are_a_simple_random_sample(k, y):
+    """Every 3-subset of the other classes equally likely (a chi-square test over all of them), the true classes
+    never drawn (both cases take the batch-of-draws path: 2·(s + |T|) ≤ k); seeded, so deterministic."""
+    y = torch.tensor(y)
+    others = [j for j in range(k) if j not in y.tolist()]
+    subsets = {s: 0 for s in itertools.combinations(others, 3)}
+    gen = torch.Generator().manual_seed(1)
+    trials = 200 * len(subsets)
+    for _ in range(trials):
+        c = sample_candidates(y, k, len(y) + 3, generator=gen).classes.tolist()
+        assert c == sorted(set(c)) and set(y.tolist()) <= set(c) and len(c) == len(y) + 3
+        subsets[tuple(j for j in c if j not in y.tolist())] += 1
+    expected = trials / len(subsets)
+    chi2 = sum((n - expected) ** 2 / expected for n in subsets.values())
+    dof = len(subsets) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
 
 
 @pytest.mark.parametrize("name", ["bce", "nce", "batch_ce"])

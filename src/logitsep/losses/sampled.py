@@ -66,24 +66,33 @@ class Candidates:
 
 def _distinct_uniform(k: int, s: int, exclude: Tensor, generator: torch.Generator | None,
                       device: torch.device) -> Tensor:
-    """``s`` distinct classes of ``k`` outside ``exclude`` (sorted, distinct), every such ``s``-subset equally likely.
-    Without a ``k``-sized permutation when ``s ≪ k``: in a sequence of uniform draws, the first ``s`` distinct values
-    outside ``exclude`` are a uniform ``s``-subset of the others (the draws are exchangeable); more draws are taken
-    until ``s`` of them have appeared."""
+    """``s`` distinct classes of ``k`` outside ``exclude`` (sorted, distinct), every such ``s``-subset equally likely;
+    returned in no particular order. The others are numbered ``0 … k−|exclude|−1`` in order and a uniform
+    ``s``-subset of the numbers is drawn, then mapped to classes (:func:`_skip_excluded`). Without a ``k``-sized
+    permutation when ``s ≪ k``: given their number ``m``, the distinct values of a batch of uniform draws are a uniform
+    ``m``-subset (the law of the draws is symmetric under relabelling), so a uniform ``s``-subset of them (``m ≥ s``)
+    is a uniform ``s``-subset of all; a batch with ``m < s`` is drawn again, larger."""
+    others = k - len(exclude)
     if 2 * (s + len(exclude)) > k:  # a permutation is cheap next to the step then
-        order = torch.randperm(k, generator=generator, device=device)
-        return order[~torch.isin(order, exclude.to(device))][:s]
-    draws = torch.empty(0, dtype=torch.long, device=device)
-    while True:
-        draws = torch.cat([draws, torch.randint(k, (s + s // 4 + 16,), generator=generator, device=device)])
-        values, inverse = torch.unique(draws, return_inverse=True)
-        keep = ~torch.isin(values, exclude.to(device))
-        if int(keep.sum()) >= s:
-            break
-    first = torch.full((len(values),), len(draws), dtype=torch.long, device=device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(draws), device=device), reduce="amin")
-    first[~keep] = len(draws)  # excluded values go last, never among the first s kept
-    return values[torch.argsort(first)[:s]]
+        picked = torch.randperm(others, generator=generator, device=device)[:s]
+    else:
+        n = s + s // 4 + 16
+        while True:
+            picked = torch.unique(torch.randint(others, (n,), generator=generator, device=device))
+            if len(picked) >= s:
+                break
+            n *= 2
+        if len(picked) > s:
+            picked = picked[torch.randperm(len(picked), generator=generator, device=device)[:s]]
+    return _skip_excluded(picked, exclude.to(device))
+
+
+def _skip_excluded(picked: Tensor, exclude: Tensor) -> Tensor:
+    """The ``picked``-th classes outside ``exclude`` (sorted, distinct). The ``j``-th such class is ``j`` plus the
+    number of excluded classes below it, and ``exclude[i]`` is below it exactly when ``exclude[i] − i ≤ j`` (``i``
+    classes of ``exclude`` and ``exclude[i] − i`` others lie below ``exclude[i]``): one ``searchsorted``."""
+    below = exclude - torch.arange(len(exclude), device=exclude.device)  # non-decreasing
+    return picked + torch.searchsorted(below, picked, right=True)
 
 
 def _log_inclusion(p: Tensor, draws: int) -> Tensor:
@@ -103,16 +112,15 @@ def sample_candidates(target: Tensor, k: int, num_sampled: int, *, noise: Tensor
         return Candidates(classes, torch.zeros(k, dtype=dtype, device=device), target)
     gen_device = generator.device if generator is not None else device
     true = torch.unique(target)
-    if noise is None:
+    if noise is None:  # a simple random sample of the other classes: each is in it with probability s / others
         others = k - len(true)
         s = min(max(num_sampled - len(true), 1), others)
-        draws = _distinct_uniform(k, s, true, generator, gen_device)
-    else:
-        draws = torch.multinomial(noise.float().to(gen_device), num_sampled, replacement=True, generator=generator)
-    classes = torch.unique(torch.cat([true, draws.to(device)]))
-    if noise is None:  # a simple random sample of the other classes: each is in it with probability s / others
+        draws = _distinct_uniform(k, s, true, generator, gen_device).to(device)
+        classes = torch.sort(torch.cat([true, draws])).values  # distinct: the draws avoid the true classes
         log_weight = torch.full((len(classes),), math.log(others / s), dtype=torch.float64, device=device)
     else:
+        draws = torch.multinomial(noise.float().to(gen_device), num_sampled, replacement=True, generator=generator)
+        classes = torch.unique(torch.cat([true, draws.to(device)]))
         log_weight = -_log_inclusion(noise.to(device=device, dtype=torch.float64)[classes], num_sampled)
     log_weight[torch.searchsorted(classes, true)] = 0.0  # the batch's classes are in C with probability 1
     return Candidates(classes, log_weight.to(dtype), torch.searchsorted(classes, target))
