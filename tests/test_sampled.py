@@ -277,6 +277,20 @@ def test_sparse_gradients_over_every_row_follow_torch_sgd():
     torch.testing.assert_close(b, a, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("rows", [[5, 1, 6], [1, 5, 5, 6]], ids=["unsorted", "repeated"])
+def test_uncoalesced_sparse_gradients_are_summed_per_row(rows):
+    # gradients from gather_rows come sorted and distinct and skip coalesce(); any other sparse gradient is
+    # coalesced first (a repeated row's values summed), as torch's SGD sums a dense gradient's contributions
+    a, b, ref, ours = _sgd_pair(0.9, 0.0)
+    for step in range(3):
+        g = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        a.grad = torch.zeros(8, 3, dtype=torch.float64).index_add_(0, torch.tensor(rows), g)
+        b.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, (8, 3), check_invariants=True)
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(ours.dense_view(b), a.detach(), rtol=1e-14, atol=1e-14)
+
+
 def test_lazy_rule_moves_only_the_touched_rows_with_per_row_momentum():
     lr, mu, wd = 0.1, 0.9, 0.01
     _, p, _, opt = _sgd_pair(mu, wd, lr, catch_up=False)
@@ -329,6 +343,33 @@ def test_catch_up_equals_dense_sgd_on_the_densified_gradients(mu):
     assert not torch.equal(lagging[1], a.detach()[1])  # before the catch-up row 1 still waited for its momentum
     ours.catch_up(b)  # idempotent
     torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-13, atol=1e-13)
+
+
+def test_catch_up_of_parameters_stepped_at_different_steps_uses_each_ones_rates():
+    # weight and bias share one coefficient table when their recent rates agree (RowSparseSGD._short_table); here
+    # each has no gradient at some steps (torch's SGD skips it entirely there), as many for both but not the same
+    # ones, so at equal step counts their rates differ and a shared table would move one by the wrong amounts
+    steps, mu = 60, 0.9
+    torch.manual_seed(0)
+    dense = [torch.nn.Parameter(torch.randn(8, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(8, dtype=torch.float64))]
+    sparse = [torch.nn.Parameter(p.detach().clone()) for p in dense]
+    ref, ours = torch.optim.SGD(dense, lr=0.1, momentum=mu), RowSparseSGD(sparse, lr=0.1, momentum=mu)
+    gen = torch.Generator().manual_seed(3)
+    for t, rows in _touch_schedule(steps):
+        ref.param_groups[0]["lr"] = ours.param_groups[0]["lr"] = 0.01 + 0.1 * (t % 7) / 7
+        for d, s in zip(dense, sparse, strict=True):
+            d.grad = s.grad = None
+            if t % 4 == (1 if s.dim() == 1 else 3):
+                continue  # no gradient for this one at this step
+            ours.catch_up(s, torch.tensor(rows))
+            torch.testing.assert_close(s.detach()[rows], d.detach()[rows], rtol=1e-13, atol=1e-13)
+            values = torch.randn((len(rows),) + tuple(s.shape[1:]), dtype=torch.float64, generator=gen)
+            d.grad = torch.zeros_like(d).index_put_((torch.tensor(rows),), values)
+            s.grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, s.shape, check_invariants=True)
+        ref.step()
+        ours.step()
+    for d, s in zip(dense, sparse, strict=True):
+        torch.testing.assert_close(ours.dense_view(s), d.detach(), rtol=1e-13, atol=1e-13)
 
 
 def test_catch_up_with_weight_decay_decays_at_touches_only():

@@ -13,7 +13,7 @@ is next touched, in closed form: after skipping steps ``a+1 … b−1`` (``a`` i
     ``θ ← θ − (Σ_{i=1}^{b−1−a} η_{a+i}·μ^i)·v``,   ``v ← μ^{b−1−a}·v``,
 
 with the learning rates of those steps (the optimizer keeps every step's rate; ``O(1)`` a row, see
-:func:`_skipped_displacement`), then the step's own update
+:meth:`RowSparseSGD._short_table`), then the step's own update
 ``v ← μ·v + g + λ·θ``, ``θ ← θ − η_b·v``. Call :meth:`catch_up` on the rows a step will read *before* its forward
 pass (training does: :func:`logitsep.losses.sampled.sample_candidates` first) and the rows it reads are those of
 dense SGD: with ``λ = 0`` the run equals ``torch.optim.SGD`` on the densified gradients to float rounding (tested,
@@ -62,6 +62,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                   "catch_up": catch_up})
         self._deferred: dict[Tensor, tuple[Tensor, Tensor]] = {}  # catch_up's velocities, for the next step
+        self._table: tuple[tuple[int, int, float], Tensor, Tensor] | None = None  # see _short_table
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -75,7 +76,7 @@ class RowSparseSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    self._sparse_step(p, p.grad.coalesce(), group)
+                    self._sparse_step(p, _coalesced(p.grad), group)
                 else:
                     self._dense_step(p, p.grad, lr, mu, wd)
         return loss
@@ -128,13 +129,32 @@ class RowSparseSGD(torch.optim.Optimizer):
         state = self.state[param]
         now = int(state["step"])  # the step about to be taken: rows are brought up to date through now − 1
         last = state["last_step"].index_select(0, rows)
-        skipped = now - 1 - last
-        if len(rows) == 0 or int(skipped.max()) <= 0:
+        skipped = (now - 1) - last
+        if len(rows) == 0 or (longest := int(skipped.max())) <= 0:
             return None
+        width = min(horizon(mu), now)
+        coef = self._short_table(state, now, width, mu)[skipped.clamp(0, width)]
+        if longest > width:  # rows skipped for more than the horizon: the whole coefficient, recorded in phi
+            coef = torch.where(skipped > width, state["phi"][last.clamp_min(0)], coef)  # last −1: zero velocity
+        decay = torch.pow(mu, skipped.double())
         shape = (-1,) + (1,) * (param.dim() - 1)
-        decay = torch.exp(skipped.double() * math.log(mu))
-        coef = _skipped_displacement(state, last, skipped, decay, mu)
         return coef.to(param.dtype).view(shape), decay.to(param.dtype).view(shape)
+
+    def _short_table(self, state: dict[str, Any], now: int, width: int, mu: float) -> Tensor:
+        """``T[j] = Σ_{i=1}^{j} η_{now−1−j+i}·μ^i`` for ``j = 0 … width`` (float64): the displacement coefficient of a
+        row that skipped the last ``j ≤ width`` steps. Computed as ``μ^j·Σ_{i<j} η_{now−1−i}·μ^(−i)``, a cumulative
+        sum over the last ``width`` rates (positive terms: no cancellation; ``μ^(−i) ≤ 2⁵³``). The table of the last
+        call is kept and reused by the next parameter whose last ``width`` rates are the same (a head's weight and
+        bias, stepped together): one comparison instead of the table."""
+        recent = state["lr_history"][now - width:now]
+        cached = self._table
+        if cached is not None and cached[0] == (now, width, mu) and torch.equal(cached[1], recent):
+            return cached[2]
+        powers = _powers(mu, width, recent.device)  # μ^1 … μ^width
+        inverse = torch.cat([recent.new_ones(1), powers[:-1]])  # μ^0 … μ^(width−1), divided by below
+        table = torch.cat([recent.new_zeros(1), powers * torch.cumsum(recent.flip(0) / inverse, 0)])
+        self._table = ((now, width, mu), recent.clone(), table)
+        return table
 
     def _fresh(self, param: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Bring ``rows`` up to date: the parameter's rows moved, ``last_step`` set; returns the rows (sorted,
@@ -149,7 +169,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         stale = self._stale(param, rows, mu)
         if stale is not None:
             coef, decay = stale
-            param.index_add_(0, rows, velocity * -coef)
+            param.index_add_(0, rows, velocity * coef, alpha=-1)
             velocity.mul_(decay)
             state["last_step"].index_fill_(0, rows, int(state["step"]) - 1)
         return rows, velocity
@@ -206,7 +226,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         if g.sparse_dim() != 1:
             raise ValueError(f"RowSparseSGD: a sparse gradient must be sparse in its rows only (sparse_dim 1), "
                              f"got sparse_dim {g.sparse_dim()}")
-        rows, values = g.indices()[0], g.values()  # coalesced: sorted, distinct
+        rows, values = g._indices()[0], g._values()  # sorted, distinct (_coalesced)
         state = self.state[p]
         if mu and "momentum_buffer" not in state:  # dense SGD starts at the first gradient: μ·0 + g is the same
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -231,6 +251,19 @@ class RowSparseSGD(torch.optim.Optimizer):
         if "last_step" in state:
             state["last_step"].index_fill_(0, rows, int(state["step"]))
             _record(state, lr, mu)
+
+
+def _coalesced(grad: Tensor) -> Tensor:
+    """``grad`` (sparse COO) coalesced. A gradient from :func:`logitsep.core.rows.gather_rows` has sorted, distinct
+    rows but reaches ``.grad`` unmarked; checking that (``O(rows)``) spares the sort and the summing copy of its values
+    that ``coalesce`` would make."""
+    if grad.is_coalesced() or grad.sparse_dim() != 1:
+        return grad.coalesce()
+    rows = grad._indices()[0]
+    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        return grad.coalesce()
+    return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def _distinct_rows(param: Tensor, rows: Tensor | None) -> Tensor:
@@ -269,20 +302,3 @@ def _record(state: dict[str, Any], lr: float, mu: float) -> None:
         a = step - width
         state["phi"][a] = history[a + 1:step + 1] @ _powers(mu, width, history.device)
     state["step"] = torch.tensor(step + 1, dtype=torch.int64)
-
-
-def _skipped_displacement(state: dict[str, Any], last: Tensor, skipped: Tensor, decay: Tensor,
-                          mu: float) -> Tensor:
-    """``Σ_{i=1}^{skipped} η_{last+i}·μ^i`` per row (float64; 0 where ``skipped`` is 0), ``O(1)`` a row; ``decay``
-    is ``μ^skipped`` (float64). Rows skipped for more than ``L = horizon(μ)`` steps: ``phi[last]`` (the terms past
-    ``L`` are below float64's resolution). The others: with ``j = now − 1 − s``, the sum is
-    ``μ^skipped · Σ_{j<skipped} η_{now−1−j}·μ^(−j)``, a prefix of one cumulative sum over the last ``L`` rates
-    (positive terms: no cancellation; ``μ^(−j) ≤ 2⁵³``)."""
-    now = int(state["step"])
-    width = min(horizon(mu), now)
-    recent = state["lr_history"][now - width:now].flip(0)  # η_{now−1}, η_{now−2}, …
-    suffix = torch.cumsum(recent / torch.cat([recent.new_ones(1), _powers(mu, width - 1, recent.device)]), 0)
-    short = decay * suffix[(skipped.clamp(1, width) - 1)]
-    long = state["phi"][last.clamp_min(0)]  # last −1: never updated, zero velocity
-    coef = torch.where(skipped <= width, short, long)
-    return torch.where(skipped > 0, coef, 0.0)
