@@ -351,7 +351,7 @@ def test_catch_up_of_parameters_stepped_at_different_steps_uses_each_ones_rates(
     # ones, so at equal step counts their rates differ and a shared table would move one by the wrong amounts
     steps, mu = 60, 0.9
     torch.manual_seed(0)
-    dense = [torch.nn.Parameter(torch.randn(8, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(8, dtype=torch.float64))]
+    dense = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in ((8, 3), (8,))]
     sparse = [torch.nn.Parameter(p.detach().clone()) for p in dense]
     ref, ours = torch.optim.SGD(dense, lr=0.1, momentum=mu), RowSparseSGD(sparse, lr=0.1, momentum=mu)
     gen = torch.Generator().manual_seed(3)
