@@ -32,3 +32,18 @@ def test_bench_classes_refuses_bad_arguments() -> None:
         bench_classes.run(classes=[10], losses=["ce"], out=None, memory=False)
     with pytest.raises(ValueError, match="unknown path"):
         bench_classes.run(classes=[10], paths=["fast"], out=None, memory=False)
+
+
+def test_bench_classes_marks_full_coverage_and_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitsep.core import hugepages
+
+    monkeypatch.setenv("LOGITSEP_HUGE_PAGES", "0")
+    result = bench_classes.run(classes=[50, 500], paths=["sampled"], dim=4, batch=4, sampled=100, repeats=1,
+                               warmup=0, out=None, memory=False)
+    rows = result["rows"]
+    assert [(r["classes"], r["full_coverage"]) for r in rows] == [(50, True), (500, False)]  # 100 >= 50: exact
+    assert [r["huge_pages"] for r in rows] == [False, False]
+    monkeypatch.delenv("LOGITSEP_HUGE_PAGES")
+    rows = bench_classes.run(classes=[50], paths=["sampled"], dim=4, batch=4, sampled=10, repeats=1, warmup=0,
+                             out=None, memory=False)["rows"]
+    assert rows[0]["huge_pages"] == hugepages.available()

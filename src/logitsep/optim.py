@@ -26,7 +26,9 @@ sampled NCE it diverged where the catch-up (and dense SGD) trained (README, "Man
 
 The state (``momentum_buffer``, dense, the parameter's shape; for sparse parameters also ``step``, ``last_step``
 [rows], and ``lr_history`` and ``phi``, float64, one value a step) goes through ``state_dict`` /
-``load_state_dict`` with its dtypes kept, so the training checkpoints store and restore it (resume is exact).
+``load_state_dict`` with its dtypes kept, so the training checkpoints store and restore it (resume is exact). A
+large momentum buffer is placed in huge pages (:mod:`logitsep.core.hugepages`: a step's random rows without a page
+walk each).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .core import hugepages
 
 __all__ = ["RowSparseSGD"]
 
@@ -192,9 +196,12 @@ class RowSparseSGD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for pid, values in kept.items():
             if pid in id_map:
+                state = self.state[id_map[pid]]
                 for key, value in values.items():
                     device = id_map[pid].device if key != "step" else value.device
-                    self.state[id_map[pid]][key] = value.to(device=device).clone()
+                    state[key] = value.to(device=device).clone()
+                if "momentum_buffer" in state:  # large ones back in huge pages (core.hugepages), as first made
+                    state["momentum_buffer"] = hugepages.moved(state["momentum_buffer"])
 
     def _group_of(self, param: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -229,7 +236,7 @@ class RowSparseSGD(torch.optim.Optimizer):
         rows, values = g._indices()[0], g._values()  # sorted, distinct (_coalesced)
         state = self.state[p]
         if mu and "momentum_buffer" not in state:  # dense SGD starts at the first gradient: μ·0 + g is the same
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["momentum_buffer"] = hugepages.zeros_like(p)  # random rows: see core.hugepages
         if mu and group["catch_up"]:
             if "last_step" not in state:  # rows at the state they have now: nothing skipped yet
                 state["step"] = torch.tensor(0, dtype=torch.int64)

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, sharded
+from .core import hugepages
 from .core.blocks import use_blocks
 from .core.checks import check_positive_int
 from .core.files import atomic_write, write_csv, write_json
@@ -129,6 +130,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, extra: nn.Module | Non
     features) get no gradient, so SGD leaves them as they are."""
     params = [*model.parameters(), *(extra.parameters() if extra is not None else [])]
     if config.sampled:
+        hugepages.place(model.head)  # a large head's random rows without a page walk each (core.hugepages)
         return RowSparseSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 

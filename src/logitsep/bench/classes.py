@@ -12,6 +12,14 @@ the same round** (paired: the machine's drift cancels). ``peak_mb``: the peak re
 builds the model and takes three steps, minus its resident memory before building it (``/proc/self/status``
 VmHWM / VmRSS): parameters, optimizer state and the step's temporaries. Target: sampled at the largest k within
 1.3x of sampled at the smallest.
+
+**Candidates** (``--sampled``, default 512): below the smallest default k, so that every k takes the same sampled
+step (draw, catch-up, sampled loss, row-sparse update) and the ratio measures how its cost grows with k. With
+``num_sampled >= k`` the sampled form *is* the exact loss over every class (full coverage, no draw, every row updated
+at every step: nothing to catch up); rows where that holds say ``"full_coverage": true``, and their ratio compares
+two different steps (measured and kept in ``results/bench/classes-s1024``). **Huge pages**: the sampled head and its
+momentum buffer are placed as training places them (:mod:`logitsep.core.hugepages`); ``--no-huge-pages`` measures
+without (``"huge_pages"`` in each sampled row).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import hugepages
 from ..core.plots import pyplot, save_figure
 from ..core.tables import text_table
 from ..losses import LOSSES, SampledLoss, get_loss, loss_spec
@@ -72,6 +82,7 @@ def build_step(path: str, loss: str, k: int, dim: int, batch: int, sampled: int,
             return loss_fn(head(features(x)), y)
     else:
         sampled_fn = SampledLoss(loss, sampled)
+        hugepages.place(head)  # as training does (core.hugepages; off with LOGITSEP_HUGE_PAGES=0)
         opt = RowSparseSGD(params, lr=0.01, momentum=0.9)
 
         def objective() -> torch.Tensor:  # as training does: candidates, their rows brought up to date, the loss
@@ -112,7 +123,7 @@ def peak_mb(path: str, loss: str, k: int, dim: int, batch: int, sampled: int, th
 
 
 def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), paths: Sequence[str] = PATHS,
-        dim: int = 256, batch: int = 256, sampled: int = 1024, repeats: int = 7, warmup: int = 2,
+        dim: int = 256, batch: int = 256, sampled: int = 512, repeats: int = 7, warmup: int = 2,
         exact_max: int | None = None, out: str | Path | None = "results/bench/classes", memory: bool = True,
         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Time every (loss, path, k); return ``{"rows", "target", "meets_target"}`` and write ``out.{csv,json,png}``."""
@@ -143,6 +154,8 @@ def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), path
                        "ratio": round(paired_ratio(t, base), 4), "ratio_to_classes": ks[0], "dim": dim,
                        "batch": batch, "sampled": sampled if path == "sampled" else None, "repeats": repeats,
                        "threads": threads}
+                if path == "sampled":
+                    row.update(full_coverage=sampled >= k, huge_pages=hugepages.available())
                 if memory:
                     row["peak_mb"] = peak_mb(path, name, k, dim, batch, sampled, threads)
                 rows.append(row)
@@ -196,12 +209,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paths", default="exact,sampled", help="exact, sampled or both (default both)")
     parser.add_argument("--dim", type=int, default=256, help="embedding dimension d (default 256)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--sampled", type=int, default=1024, help="candidate draws per step (default 1024)")
+    parser.add_argument("--sampled", type=int, default=512,
+                        help="candidate classes per step (default 512: below the smallest k, see the module docstring)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median; default 7)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--exact-max", type=int, default=None, metavar="K",
                         help="skip the exact path above K classes (default: none skipped)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep the sampled head and its optimizer state in ordinary pages (LOGITSEP_HUGE_PAGES=0)")
     parser.add_argument("--out", default="results/bench", help="folder for classes.{csv,json,png}")
     add_threads_argument(parser)
 
@@ -209,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench classes``."""
     apply_threads(args.threads)
+    if args.no_huge_pages:
+        os.environ["LOGITSEP_HUGE_PAGES"] = "0"  # read when the steps are built, and by the memory processes
     for label in ("dim", "batch_size", "sampled", "repeats"):
         if getattr(args, label) < 1:
             raise ValueError(f"--{label.replace('_', '-')} must be a positive integer, got {getattr(args, label)}")

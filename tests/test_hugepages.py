@@ -1,0 +1,150 @@
+"""core.hugepages: large CPU tensors in transparent huge pages, ordinary tensors otherwise."""
+
+from __future__ import annotations
+
+import gc
+import io
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from logitsep.core import hugepages
+from logitsep.optim import RowSparseSGD
+
+THP = hugepages._kernel_allows()
+needs_thp = pytest.mark.skipif(not THP, reason="transparent huge pages not enabled (always/madvise) here")
+# where the kernel gives huge pages to marked memory only, unmarked memory shows none (with "always" it may)
+MARKED_ONLY = THP and "[madvise]" in open(hugepages._SYSFS, encoding="ascii").read()
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(hugepages, "THRESHOLD", 8 << 20)  # 8 MiB: large enough for whole 2 MiB pages, quick
+    monkeypatch.delenv("LOGITSEP_HUGE_PAGES", raising=False)
+
+
+def _mapping(t: torch.Tensor) -> dict[str, int]:
+    """The /proc/self/smaps fields (kB) of the mapping holding ``t``'s first byte."""
+    address = t.data_ptr()
+    with open("/proc/self/smaps", encoding="ascii") as f:
+        fields, inside = {}, False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(a, 16) for a in head.split("-"))
+                if inside:
+                    break
+                inside = start <= address < end
+            elif inside and line.split()[-1] == "kB":
+                fields[head.rstrip(":")] = int(line.split()[1])
+    return fields
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@needs_thp
+def test_a_large_tensor_is_backed_by_huge_pages():
+    t = hugepages.zeros_like(torch.empty(4 << 20))  # 16 MiB of float32
+    assert t.shape == (4 << 20,) and t.dtype == torch.float32 and not t.any()
+    t.fill_(1.0)
+    assert _mapping(t)["AnonHugePages"] >= 8 << 10  # at least 8 MiB of it in 2 MiB pages
+    if MARKED_ONLY:
+        assert _mapping(torch.ones(4 << 20)).get("AnonHugePages", 0) == 0  # what torch gives without the mark
+
+
+@pytest.mark.parametrize("why", ["small", "switched off", "kernel"])
+def test_ordinary_tensors_where_huge_pages_do_not_apply(why, monkeypatch):
+    big = torch.randn(4 << 20)
+    if why == "small":
+        small = torch.randn(1000)
+        assert hugepages.moved(small) is small
+        return
+    if why == "switched off":
+        monkeypatch.setenv("LOGITSEP_HUGE_PAGES", "0")
+    else:
+        monkeypatch.setattr(hugepages, "_kernel_allows", lambda: False)
+    assert not hugepages.available()
+    assert hugepages.moved(big) is big
+    z = hugepages.zeros_like(big)
+    assert torch.equal(z, torch.zeros_like(big))
+    if MARKED_ONLY:
+        z.fill_(1.0)
+        assert _mapping(z).get("AnonHugePages", 0) == 0
+
+
+@needs_thp
+def test_placed_parameters_train_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    head = nn.Linear(64, 40_000)  # 10 MiB weight: placed; bias 160 kB: not
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    weight = head.weight
+    assert hugepages.place(head) == ["weight"]
+    assert head.weight is weight  # the same Parameter, new storage
+    for n, p in head.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+    assert _mapping(head.weight)["AnonHugePages"] > 0
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    head(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    assert not torch.equal(head.weight.detach(), before["weight"])
+    save_file({n: p.detach() for n, p in head.named_parameters()}, tmp_path / "h.safetensors")
+    torch.save(head.state_dict(), tmp_path / "h.pt")
+    for loaded in (load_file(tmp_path / "h.safetensors"), torch.load(tmp_path / "h.pt")):
+        for n, p in head.named_parameters():
+            assert torch.equal(loaded[n], p.detach())
+
+
+@needs_thp
+def test_memory_is_returned_when_the_tensor_is_freed():
+    gc.collect()
+    start = _rss_kb()
+    t = hugepages.empty((64 << 20,), torch.float32)  # 256 MiB
+    t.fill_(2.0)
+    view = t[10:20]
+    assert _rss_kb() - start > 200 << 10
+    del t
+    gc.collect()
+    assert _rss_kb() - start > 200 << 10  # a view keeps the mapping
+    assert float(view.sum()) == 20.0
+    del view
+    gc.collect()
+    assert _rss_kb() - start < 50 << 10
+
+
+@needs_thp
+def test_row_sparse_sgd_keeps_large_momentum_buffers_in_huge_pages():
+    w = nn.Parameter(torch.zeros(40_000, 64))
+    opt = RowSparseSGD([w], lr=0.1, momentum=0.9)
+    rows = torch.tensor([3, 17, 39_999])
+    w.grad = torch.sparse_coo_tensor(rows[None], torch.ones(3, 64), w.shape, check_invariants=True)
+    opt.step()
+    assert _mapping(opt.state[w]["momentum_buffer"])["AnonHugePages"] > 0
+    file = io.BytesIO()
+    torch.save(opt.state_dict(), file)
+    file.seek(0)
+    saved = torch.load(file)  # as a checkpoint comes back: ordinary tensors
+    if MARKED_ONLY:
+        assert _mapping(saved["state"][0]["momentum_buffer"]).get("AnonHugePages", 0) == 0
+    fresh = RowSparseSGD([w], lr=0.1, momentum=0.9)
+    fresh.load_state_dict(saved)  # placed again
+    buffer = fresh.state[w]["momentum_buffer"]
+    assert torch.equal(buffer, opt.state[w]["momentum_buffer"])
+    assert _mapping(buffer)["AnonHugePages"] > 0
+
+
+@needs_thp
+@pytest.mark.parametrize("sampled", [0, 64])
+def test_sampled_training_places_the_head(sampled):
+    from logitsep.models import build_model
+    from logitsep.train import TrainConfig, make_optimizer
+
+    model = build_model("linear", (64,), 40_000, head="linear")  # a 10 MiB head
+    config = TrainConfig(dataset="blobs", model="linear", loss="nce", steps=1, sampled=sampled)
+    make_optimizer(model, config)
+    placed = _mapping(model.head.weight).get("AnonHugePages", 0) > 0
+    assert placed == bool(sampled) or not MARKED_ONLY  # exact training leaves the head as torch made it
