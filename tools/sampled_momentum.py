@@ -14,6 +14,7 @@ highest false one at the end, or the step where the loss became non-finite.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from logitsep.core.files import write_json, write_text
 from logitsep.core.provenance import command_line, environment
 from logitsep.losses import SampledLoss, nce, value_checks
 from logitsep.optim import RowSparseSGD
-from logitsep.train import TrainConfig, learning_rate
+from logitsep.train import TrainConfig, learning_rate, sampled_loss
 
 
 def run(mode: str, warmup: int, k: int, steps: int, lr: float, sampled: int) -> dict:
@@ -52,12 +53,8 @@ def run(mode: str, warmup: int, k: int, steps: int, lr: float, sampled: int) -> 
             with value_checks(False):  # a non-finite loss is reported below, not refused
                 loss = nce(head(body(x[idx])), yb)
         else:
-            c = loss_fn.candidates(yb, k)
-            if isinstance(opt, RowSparseSGD):
-                opt.catch_up(head.weight, c.classes)
-                opt.catch_up(head.bias, c.classes)
-            with value_checks(False):
-                loss = loss_fn(body(x[idx]), head.weight, head.bias, yb, candidates=c)
+            with value_checks(False):  # candidates, their rows caught up (a no-op for the lazy rule), the loss
+                loss = sampled_loss(loss_fn, opt, head, yb, functools.partial(body, x[idx]))
         if not torch.isfinite(loss):
             return {"mode": mode, "warmup": warmup, "diverged_at_step": step, "seconds": time.perf_counter() - began}
         opt.zero_grad()

@@ -52,7 +52,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ from .runs import (
 from .thresholds import calibrate_blocked, calibrate_scores
 
 __all__ = ["TrainConfig", "batch_indices", "distill", "evaluate_blocked", "evaluate_model", "learning_rate",
-           "predict", "read_log", "softmax_scale", "train"]
+           "make_optimizer", "predict", "read_log", "sampled_loss", "softmax_scale", "train"]
 
 LOG_FIELDS = ("step", "loss", "lr", "elapsed_s")
 RESUMABLE_CHANGES = ("steps", "device", "shard_head")  # config fields a resumed run may change
@@ -133,6 +133,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig, extra: nn.Module | Non
         hugepages.place(model.head)  # a large head's random rows without a page walk each (core.hugepages)
         return RowSparseSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def sampled_loss(loss_fn: SampledLoss, optimizer: torch.optim.Optimizer, head: nn.Module, target: Tensor,
+                 embed: Callable[[], Tensor]) -> Tensor:
+    """The loss of one sampled step, in the order that keeps the head's rows right: draw the candidates, bring their
+    rows of ``head.weight`` / ``head.bias`` up to date (:meth:`RowSparseSGD.catch_up`: the momentum steps they
+    skipped; nothing for another optimizer), then the sampled loss of the features ``embed()`` on those rows.
+    Training, ``bench classes`` and ``tools/sampled_momentum.py`` step through it."""
+    candidates = loss_fn.candidates(target, head.weight.shape[0], head.weight.dtype)
+    if isinstance(optimizer, RowSparseSGD):
+        for p in (head.weight, head.bias):
+            if p is not None:
+                optimizer.catch_up(p, candidates.classes)
+    return loss_fn(embed(), head.weight, head.bias, target, candidates=candidates)
 
 
 # ---------------------------------------------------------------------------------------------- distillation
@@ -644,12 +658,8 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
             return sharded.sharded_loss(s.config.loss, s.net(xb), yb, s.head_shard, feature_grad=grad,
                                         **s.config.loss_kwargs)
     if s.config.sampled:  # the head's rows of the candidate classes only (losses.sampled)
-        head = s.model.head
-        candidates = s.loss_fn.candidates(yb, head.weight.shape[0], head.weight.dtype)
-        _catch_up_head(s, candidates.classes)  # the rows read below, as dense SGD would have left them
-        h = s.net.embed(xb)
         with value_checks(check_values):  # a non-finite loss is caught at the next flush, naming its step
-            return s.loss_fn(h, head.weight, head.bias, yb, candidates=candidates)
+            return sampled_loss(s.loss_fn, s.optimizer, s.model.head, yb, lambda: s.net.embed(xb))
     logits = s.net(xb)
     try:
         with value_checks(check_values):
@@ -663,15 +673,6 @@ def _step_loss(s: _Session, xb: Tensor, yb: Tensor, step: int, lr: float, pendin
         raise FloatingPointError(f"the logits became non-finite at step {step} (steps count from 0; "
                                  f"loss {s.config.loss}, lr={lr:g}, base lr={s.config.lr:g}); no checkpoint "
                                  "was written after it") from err
-
-
-def _catch_up_head(s: _Session, rows: Tensor) -> None:
-    """Sampled training: apply the momentum steps the head's ``rows`` skipped (optim module docstring), before a
-    forward pass reads them."""
-    if isinstance(s.optimizer, RowSparseSGD):
-        for p in (s.model.head.weight, s.model.head.bias):
-            if p is not None:
-                s.optimizer.catch_up(p, rows)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from ..core.plots import pyplot, save_figure
 from ..core.tables import text_table
 from ..losses import LOSSES, SampledLoss, get_loss, loss_spec
 from ..optim import RowSparseSGD
+from ..train import sampled_loss
 from ._common import (
     add_threads_argument,
     alternating_rounds,
@@ -86,10 +87,7 @@ def build_step(path: str, loss: str, k: int, dim: int, batch: int, sampled: int,
         opt = RowSparseSGD(params, lr=0.01, momentum=0.9)
 
         def objective() -> torch.Tensor:  # as training does: candidates, their rows brought up to date, the loss
-            c = sampled_fn.candidates(y, k)
-            opt.catch_up(head.weight, c.classes)
-            opt.catch_up(head.bias, c.classes)
-            return sampled_fn(features(x), head.weight, head.bias, y, candidates=c)
+            return sampled_loss(sampled_fn, opt, head, y, lambda: features(x))
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
