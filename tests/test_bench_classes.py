@@ -9,6 +9,7 @@ import pytest
 
 from logitsep.bench import classes as bench_classes
 from logitsep.cli import main
+from logitsep.core import hugepages
 
 
 def test_bench_classes_rows_ratios_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,16 +35,25 @@ def test_bench_classes_refuses_bad_arguments() -> None:
         bench_classes.run(classes=[10], paths=["fast"], out=None, memory=False)
 
 
-def test_bench_classes_marks_full_coverage_and_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from logitsep.core import hugepages
-
-    monkeypatch.setenv("LOGITSEP_HUGE_PAGES", "0")
+def test_bench_classes_marks_full_coverage_and_pages() -> None:
     result = bench_classes.run(classes=[50, 500], paths=["sampled"], dim=4, batch=4, sampled=100, repeats=1,
-                               warmup=0, out=None, memory=False)
+                               warmup=0, out=None, memory=False, pages="ordinary")
     rows = result["rows"]
     assert [(r["classes"], r["full_coverage"]) for r in rows] == [(50, True), (500, False)]  # 100 >= 50: exact
-    assert [r["huge_pages"] for r in rows] == [False, False]
-    monkeypatch.delenv("LOGITSEP_HUGE_PAGES")
+    assert [r["huge_pages"] for r in rows] == [False, False] and "huge_vs_ordinary" not in rows[0]
     rows = bench_classes.run(classes=[50], paths=["sampled"], dim=4, batch=4, sampled=10, repeats=1, warmup=0,
                              out=None, memory=False)["rows"]
-    assert rows[0]["huge_pages"] == hugepages.available()
+    assert rows[0]["huge_pages"] == hugepages.available()  # "auto": as training
+    with pytest.raises(ValueError, match="unknown pages"):
+        bench_classes.run(classes=[50], pages="large", out=None, memory=False)
+
+
+@pytest.mark.skipif(not hugepages.available(), reason="huge pages not available here")
+def test_bench_classes_times_both_pages_in_the_same_rounds(tmp_path: Path) -> None:
+    result = bench_classes.run(classes=[50, 500], paths=["sampled"], dim=4, batch=4, sampled=10, repeats=2,
+                               warmup=0, out=tmp_path / "classes", memory=False, pages="both")
+    rows = result["rows"]
+    assert [(r["classes"], r["huge_pages"]) for r in rows] == [(50, True), (500, True), (50, False), (500, False)]
+    assert all(r["huge_vs_ordinary"] > 0 for r in rows[:2]) and all("huge_vs_ordinary" not in r for r in rows[2:])
+    assert result["meets_target"] == {"nce": rows[1]["ratio"] <= 1.3}  # judged in the pages training uses
+    assert (tmp_path / "classes.png").is_file()

@@ -18,20 +18,22 @@ step (draw, catch-up, sampled loss, row-sparse update) and the ratio measures ho
 ``num_sampled >= k`` the sampled form *is* the exact loss over every class (full coverage, no draw, every row updated
 at every step: nothing to catch up); rows where that holds say ``"full_coverage": true``, and their ratio compares
 two different steps (measured and kept in ``results/bench/classes-s1024``). **Huge pages**: the sampled head and its
-momentum buffer are placed as training places them (:mod:`logitsep.core.hugepages`); ``--no-huge-pages`` measures
-without (``"huge_pages"`` in each sampled row).
+momentum buffer are placed as training places them (:mod:`logitsep.core.hugepages`; ``"huge_pages"`` in each
+sampled row); ``--pages ordinary`` measures without, ``--pages both`` both in the same rounds (``huge_vs_ordinary``:
+their paired ratio at each k).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
 import os
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,7 @@ from ._common import (
 
 CLASSES = (1000, 10_000, 100_000, 1_000_000)
 PATHS = ("exact", "sampled")
+PAGES = ("auto", "ordinary", "both")
 TARGET = 1.3
 
 
@@ -123,8 +126,11 @@ def peak_mb(path: str, loss: str, k: int, dim: int, batch: int, sampled: int, th
 def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), paths: Sequence[str] = PATHS,
         dim: int = 256, batch: int = 256, sampled: int = 512, repeats: int = 7, warmup: int = 2,
         exact_max: int | None = None, out: str | Path | None = "results/bench/classes", memory: bool = True,
-        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Time every (loss, path, k); return ``{"rows", "target", "meets_target"}`` and write ``out.{csv,json,png}``."""
+        pages: str = "auto", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Time every (loss, path, k); return ``{"rows", "target", "meets_target"}`` and write ``out.{csv,json,png}``.
+    ``pages`` (the sampled path's head and momentum buffer): ``"auto"`` as training places them (huge pages where
+    available), ``"ordinary"``, or ``"both"``: each k timed in both in the same rounds, the rows in huge pages
+    carrying ``huge_vs_ordinary``, their paired ratio."""
     classes = sorted(set(classes))
     for name in losses:
         if name not in LOSSES:
@@ -134,36 +140,53 @@ def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), path
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"unknown path {unknown[0]!r}; valid: {', '.join(PATHS)}")
+    if pages not in PAGES:
+        raise ValueError(f"unknown pages {pages!r}; valid: {', '.join(PAGES)}")
+    trained = hugepages.available()  # what training does here
+    if pages == "both" and not trained:
+        raise ValueError("pages='both': huge pages are not available here (core.hugepages.available())")
+    variants = {"auto": [trained], "ordinary": [False], "both": [True, False]}[pages]
     steady_allocator()
     rows: list[dict[str, Any]] = []
     threads = torch.get_num_threads()
     for name in losses:
         for path in paths:
             ks = [k for k in classes if path == "sampled" or exact_max is None or k <= exact_max]
+            kinds = variants if path == "sampled" else [None]  # the exact path is not placed (as in training)
             steps = {}
             for k in ks:
-                log(f"building {name} {path} k={k}")
-                steps[str(k)] = build_step(path, name, k, dim, batch, sampled)
+                for huge in kinds:
+                    log(f"building {name} {path} k={k}" + ("" if huge is None else f" huge pages {huge}"))
+                    with _huge_pages(huge):  # the momentum buffer is made at the first step: taken here
+                        steps[_key(k, huge)] = build_step(path, name, k, dim, batch, sampled)
+                        steps[_key(k, huge)]()
             times = alternating_rounds(steps, repeats, warmup=warmup, min_time=0.0)
-            base = times[str(ks[0])]
-            for k in ks:
-                t = times[str(k)]
-                row = {"classes": k, "loss": name, "path": path, "ms_per_step": round(1e3 * statistics.median(t), 3),
-                       "ratio": round(paired_ratio(t, base), 4), "ratio_to_classes": ks[0], "dim": dim,
-                       "batch": batch, "sampled": sampled if path == "sampled" else None, "repeats": repeats,
-                       "threads": threads}
-                if path == "sampled":
-                    row.update(full_coverage=sampled >= k, huge_pages=hugepages.available())
-                if memory:
-                    row["peak_mb"] = peak_mb(path, name, k, dim, batch, sampled, threads)
-                rows.append(row)
-                log(f"{name:>9} {path:>7} k={k:>8}: {row['ms_per_step']:.2f} ms/step, x{row['ratio']:.3f} of "
-                    f"k={ks[0]}" + (f", peak {row['peak_mb']:.0f} MB" if memory else ""))
+            for huge in kinds:
+                base = times[_key(ks[0], huge)]
+                for k in ks:
+                    t = times[_key(k, huge)]
+                    row = {"classes": k, "loss": name, "path": path,
+                           "ms_per_step": round(1e3 * statistics.median(t), 3),
+                           "ratio": round(paired_ratio(t, base), 4), "ratio_to_classes": ks[0], "dim": dim,
+                           "batch": batch, "sampled": sampled if path == "sampled" else None, "repeats": repeats,
+                           "threads": threads}
+                    if path == "sampled":
+                        row.update(full_coverage=sampled >= k, huge_pages=huge)
+                        if pages == "both" and huge:
+                            row["huge_vs_ordinary"] = round(paired_ratio(t, times[_key(k, False)]), 4)
+                    if memory:
+                        with _huge_pages(huge):  # read by the fresh process
+                            row["peak_mb"] = peak_mb(path, name, k, dim, batch, sampled, threads)
+                    rows.append(row)
+                    log(f"{name:>9} {path:>7} k={k:>8}{'' if huge is None else f' huge {huge!s:>5}'}: "
+                        f"{row['ms_per_step']:.2f} ms/step, x{row['ratio']:.3f} of k={ks[0]}"
+                        + (f", peak {row['peak_mb']:.0f} MB" if memory else ""))
             del steps
             gc.collect()
-    sampled_rows = [r for r in rows if r["path"] == "sampled"]
-    meets = {n: bool(max((r for r in sampled_rows if r["loss"] == n), key=lambda r: r["classes"])["ratio"] <= TARGET)
-             for n in losses if any(r["loss"] == n for r in sampled_rows)}
+    judged_pages = trained if trained in variants else variants[0]  # the pages training uses, where timed
+    judged = [r for r in rows if r["path"] == "sampled" and r["huge_pages"] == judged_pages]
+    meets = {n: bool(max((r for r in judged if r["loss"] == n), key=lambda r: r["classes"])["ratio"] <= TARGET)
+             for n in losses if any(r["loss"] == n for r in judged)}
     result: dict[str, Any] = {"rows": rows, "target": TARGET, "meets_target": meets, "files": []}
     if out is not None and rows:
         files = write_results(out, rows, description=__doc__.strip().splitlines()[0], target=TARGET,
@@ -172,18 +195,42 @@ def run(classes: Sequence[int] = CLASSES, losses: Sequence[str] = ("nce",), path
     return result
 
 
+def _key(k: int, huge: bool | None) -> str:
+    return f"{k}" if huge is None else f"{k}/{'huge' if huge else 'ordinary'}"
+
+
+@contextlib.contextmanager
+def _huge_pages(enabled: bool | None) -> Iterator[None]:
+    """Within: :func:`logitsep.core.hugepages.available` says ``enabled`` (``None``: left as it is)."""
+    if enabled is None:
+        yield
+        return
+    before = os.environ.get("LOGITSEP_HUGE_PAGES")
+    os.environ["LOGITSEP_HUGE_PAGES"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOGITSEP_HUGE_PAGES"]
+        else:
+            os.environ["LOGITSEP_HUGE_PAGES"] = before
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
     from ..core.provenance import environment
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (name, p) in enumerate(dict.fromkeys((r["loss"], r["path"]) for r in rows)):
-        mine = sorted((r for r in rows if r["loss"] == name and r["path"] == p), key=lambda r: r["classes"])
+    both = len({r.get("huge_pages") for r in rows if r["path"] == "sampled"}) > 1
+    for i, (name, p, huge) in enumerate(dict.fromkeys((r["loss"], r["path"], r.get("huge_pages")) for r in rows)):
+        mine = sorted((r for r in rows if (r["loss"], r["path"], r.get("huge_pages")) == (name, p, huge)),
+                      key=lambda r: r["classes"])
         ks = [r["classes"] for r in mine]
         style = "o-" if p == "sampled" else "s--"
-        axes[0].plot(ks, [r["ms_per_step"] for r in mine], style, color=f"C{i}", label=f"{name} {p}")
+        label = f"{name} {p}" + (f" ({'huge' if huge else 'ordinary'} pages)" if both and huge is not None else "")
+        axes[0].plot(ks, [r["ms_per_step"] for r in mine], style, color=f"C{i}", label=label)
         if "peak_mb" in mine[0]:
-            axes[1].plot(ks, [r["peak_mb"] for r in mine], style, color=f"C{i}", label=f"{name} {p}")
+            axes[1].plot(ks, [r["peak_mb"] for r in mine], style, color=f"C{i}", label=label)
     for ax, label in zip(axes, ("ms per step (forward + backward + optimizer)", "peak memory of a step, MB"),
                          strict=True):
         ax.set_xscale("log")
@@ -214,8 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-max", type=int, default=None, metavar="K",
                         help="skip the exact path above K classes (default: none skipped)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    parser.add_argument("--no-huge-pages", action="store_true",
-                        help="keep the sampled head and its optimizer state in ordinary pages (LOGITSEP_HUGE_PAGES=0)")
+    parser.add_argument("--pages", choices=PAGES, default="auto",
+                        help="the sampled head and its momentum buffer: auto (as training: huge pages where "
+                             "available), ordinary, or both (timed in the same rounds; huge_vs_ordinary)")
     parser.add_argument("--out", default="results/bench", help="folder for classes.{csv,json,png}")
     add_threads_argument(parser)
 
@@ -223,8 +271,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     """``logitsep bench classes``."""
     apply_threads(args.threads)
-    if args.no_huge_pages:
-        os.environ["LOGITSEP_HUGE_PAGES"] = "0"  # read when the steps are built, and by the memory processes
     for label in ("dim", "batch_size", "sampled", "repeats"):
         if getattr(args, label) < 1:
             raise ValueError(f"--{label.replace('_', '-')} must be a positive integer, got {getattr(args, label)}")
@@ -232,13 +278,15 @@ def cli(args: argparse.Namespace) -> int:
     result = run(classes=args.classes, losses=[s.strip() for s in args.loss.split(",") if s.strip()],
                  paths=[s.strip() for s in args.paths.split(",") if s.strip()], dim=args.dim, batch=args.batch_size,
                  sampled=args.sampled, repeats=args.repeats, warmup=args.warmup, exact_max=args.exact_max,
-                 out=f"{args.out}/classes", memory=not args.no_memory, log=log)
+                 out=f"{args.out}/classes", memory=not args.no_memory, pages=args.pages, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(text_table([[r["loss"], r["path"], r["classes"], f"{r['ms_per_step']:.2f}", f"x{r['ratio']:.3f}",
-                       f"{r.get('peak_mb', float('nan')):.0f}"] for r in result["rows"]],
-                     ["loss", "path", "k", "ms/step", "vs smallest k", "peak MB"]))
+    pages = {None: "", True: "huge", False: "ordinary"}
+    print(text_table([[r["loss"], r["path"], pages[r.get("huge_pages")], r["classes"], f"{r['ms_per_step']:.2f}",
+                       f"x{r['ratio']:.3f}", f"{r.get('peak_mb', float('nan')):.0f}",
+                       f"x{r['huge_vs_ordinary']:.3f}" if "huge_vs_ordinary" in r else ""] for r in result["rows"]],
+                     ["loss", "path", "pages", "k", "ms/step", "vs smallest k", "peak MB", "huge / ordinary"]))
     for name, ok in result["meets_target"].items():
         print(f"{name}: sampled at the largest k {'within' if ok else 'NOT within'} x{TARGET} of the smallest")
     if result["files"]:
