@@ -5,8 +5,8 @@ A sampled training step reads and writes about a thousand random rows of the hea
 holds about 2,000); in 2 MiB pages the whole head is 500 pages. Linux backs memory marked ``MADV_HUGEPAGE`` with huge
 pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise`` (common, and this project's VMs) or
 ``always``; the mark must come before the pages are first touched, so a tensor is placed in a fresh private anonymous
-mapping (:func:`empty`), not marked where torch already wrote it (Linux's ``MADV_COLLAPSE`` does that, measured at
-6 s a GB here: too slow to do at start).
+mapping (:func:`empty`), not marked where torch already wrote it (Linux's ``MADV_COLLAPSE`` does that: 6 s for a
+GB in an ad-hoc timing on this project's VM, too slow to do at start).
 
 Only tensors of at least :data:`THRESHOLD` bytes on the CPU are placed (a smaller one is within the TLB's reach
 anyway); elsewhere, and where huge pages are unavailable or ``LOGITSEP_HUGE_PAGES=0``, the functions return ordinary
