@@ -10,7 +10,7 @@ GB in an ad-hoc timing on this project's VM, too slow to do at start).
 
 Only tensors of at least :data:`THRESHOLD` bytes on the CPU are placed (a smaller one is within the TLB's reach
 anyway); elsewhere, and where huge pages are unavailable or ``LOGITSEP_HUGE_PAGES=0``, the functions return ordinary
-tensors. The effect is measured by ``logitsep bench classes`` (``huge_pages`` column; ``--no-huge-pages``).
+tensors. The effect is measured by ``logitsep bench classes --pages both`` (``huge_vs_ordinary``).
 Used by :func:`place` (training's and the benchmark's sampled heads) and by :class:`logitsep.optim.RowSparseSGD`
 for its momentum buffers. A placed tensor is an ordinary CPU tensor to torch (views, ``torch.save``, safetensors);
 its memory is unmapped when the last tensor using it is freed.
@@ -40,14 +40,34 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _kernel_allows() -> bool:
+    return _mode() in ("always", "madvise")
+
+
+def _mode() -> str:
+    """The kernel's policy for 2 MiB (PMD-size) anonymous pages: ``always``, ``madvise`` or ``never``. Kernels with
+    per-size control (6.8+) set it in ``hugepages-<size>kB/enabled``, where ``inherit`` defers to the top-level
+    file; a 2 MiB setting of ``always`` under a top-level ``madvise`` is possible, and the other way round."""
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
+        return "never"
     try:
-        with open(_SYSFS, encoding="ascii") as f:
-            mode = f.read()
+        mode = _selected(_SYSFS)
+        try:
+            with open(_SYSFS.replace("enabled", "hpage_pmd_size"), encoding="ascii") as f:
+                size_kb = int(f.read()) // 1024
+            per_size = _selected(_SYSFS.replace("enabled", f"hugepages-{size_kb}kB/enabled"))
+        except (OSError, ValueError):
+            per_size = "inherit"  # an older kernel: the top-level setting is the only one
     except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
+        return "never"
+    return mode if per_size == "inherit" else per_size
+
+
+def _selected(path: str) -> str:
+    """The bracketed choice of a sysfs setting such as ``always [madvise] never``."""
+    with open(path, encoding="ascii") as f:
+        text = f.read()
+    start = text.find("[")
+    return text[start + 1:text.index("]", start)] if start >= 0 else "never"
 
 
 def _wanted(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> bool:
