@@ -39,6 +39,8 @@ def _worker(rank: int, port: int, root: str, data) -> None:
         for loss in LOSSES:
             kwargs = dict(data=data, progress=False, eval_splits=("test",), log_every=2, checkpoint_every=4)
             train(_config(loss), out=f"{root}/{loss}", **kwargs)
+        linear = dataclasses.replace(_config("ce"), model="linear")  # a head alone: nothing for DDP to average
+        train(linear, out=f"{root}/linear", data=data, progress=False, eval_splits=())
         short = dataclasses.replace(_config("ce"), steps=4, schedule="constant")
         train(short, out=f"{root}/short", data=data, progress=False, eval_splits=(), log_every=2)
     finally:
@@ -79,6 +81,14 @@ def test_sharded_head_equals_one_process(loss, sharded_runs, digits, tmp_path):
     state = json.loads((run / "state.json").read_text())
     assert state["world_size"] == 2 and state["config"]["shard_head"] is True
     assert (run / "thresholds.json").is_file() and (run / "metrics.json").is_file()
+
+
+def test_a_sharded_head_on_features_alone_equals_one_process(sharded_runs, digits, tmp_path):
+    """``--model linear`` (the head on the inputs, the 10⁵-class feature arrays' model): the backbone has no
+    parameters, so there is no data-parallel wrapper to build (DDP refuses such a module)."""
+    one = dataclasses.replace(_config("ce"), model="linear", shard_head=False)
+    train(one, data=digits, out=tmp_path, progress=False, eval_splits=())
+    _same(tmp_path / "model.safetensors", sharded_runs / "linear" / "model.safetensors")
 
 
 def test_a_sharded_checkpoint_resumes_in_one_process(sharded_runs, digits, tmp_path):

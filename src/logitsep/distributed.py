@@ -1,4 +1,5 @@
-"""Data-parallel training: ``torchrun --nproc-per-node N -m logitsep train ...`` (gloo on CPU, NCCL on GPU).
+"""Data-parallel training: ``torchrun --nproc-per-node N -m logitsep train ...`` (gloo on CPU, NCCL on GPU; gloo
+where N processes share fewer GPUs, :func:`cuda_placement`).
 
 An N-process run computes the same updates as a one-process run on the same global batches:
 
@@ -17,7 +18,7 @@ An N-process run computes the same updates as a one-process run on the same glob
   exactly what one process would, where per shard each rank would repeat rank 0's draws for its own examples.
 - **Batch norm** normalises with the statistics of the global batch and updates the running statistics
   identically on every rank: :class:`GlobalBatchNorm` on CPU (``torch.nn.SyncBatchNorm`` refuses CPU
-  tensors) and ``SyncBatchNorm`` on CUDA (it exchanges only the per-channel statistics). Only when N > 1.
+  tensors) and ``SyncBatchNorm`` on CUDA with NCCL (it exchanges only the per-channel statistics). Only when N > 1.
 - Only rank 0 writes files and shows a progress bar (:func:`Context.is_main`).
 """
 
@@ -85,20 +86,43 @@ def wait_for_all(ctx: Context) -> None:
 def setup(device: str) -> Context:
     """Join the process group that torchrun describes (``WORLD_SIZE`` > 1 in the environment), or use the one
     already initialised by the caller, or run alone. Under torchrun a CUDA device becomes ``cuda:LOCAL_RANK``
-    (one GPU per process) and the backend is NCCL; on CPU it is gloo. In a caller's group, ``"cuda"`` without
+    (one GPU per process) and the backend is NCCL, or with fewer GPUs than processes a shared one over gloo
+    (:func:`cuda_placement`); on CPU it is gloo. In a caller's group, ``"cuda"`` without
     an index becomes ``cuda:LOCAL_RANK`` (or ``cuda:RANK``)."""
     dev = torch.device(device)
     initialised = dist.is_available() and dist.is_initialized()
     launched = not initialised and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched and not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "gloo"
     if dev.type == "cuda" and (launched or (world_size() > 1 and dev.index is None)):
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank())))
+        local = int(os.environ.get("LOCAL_RANK", rank()))
+        index, backend = cuda_placement(local, int(os.environ.get("LOCAL_WORLD_SIZE", world_size())),
+                                        torch.cuda.device_count())
+        if backend == "gloo" and launched and local == 0:
+            warnings.warn(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes share {torch.cuda.device_count()} "
+                          "CUDA device(s): gloo instead of NCCL, which refuses two ranks on one device (the results "
+                          "are the same; the collectives go through host memory)", stacklevel=2)
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     if launched:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
     n = world_size()
     return Context(rank=rank() if n > 1 else 0, world_size=n, device=dev, owns_group=launched)
+
+
+def cuda_placement(local_rank: int, local_world_size: int, devices: int) -> tuple[int, str]:
+    """The CUDA device index and the process-group backend of the process ``local_rank`` of ``local_world_size``
+    on this host: one device each and NCCL where there are enough devices; else the processes take the devices
+    in turn (rank r on device r mod count) and talk over gloo, since NCCL refuses two ranks on one device. That
+    runs N-process training (``--shard-head``) on a machine with one GPU: slower, the same results."""
+    if devices < 1:
+        raise ValueError("--device cuda, but torch sees no CUDA device here")
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(f"LOCAL_RANK {local_rank} is not in [0, LOCAL_WORLD_SIZE={local_world_size})")
+    if local_world_size <= devices:
+        return local_rank, "nccl"
+    return local_rank % devices, "gloo"
 
 
 def all_gather_rows(x: Tensor) -> Tensor:
@@ -192,16 +216,18 @@ def convert_batchnorm(model: nn.Module, ctx: Context) -> nn.Module:
     """Under N > 1 processes, make every batch norm of ``model`` use global-batch statistics (in place)."""
     if ctx.world_size == 1:
         return model
-    if ctx.device.type == "cuda":
+    if ctx.device.type == "cuda" and dist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return GlobalBatchNorm.convert(model)
+    return GlobalBatchNorm.convert(model)  # CPU, and GPUs shared over gloo (cuda_placement)
 
 
 def data_parallel(model: nn.Module, ctx: Context) -> nn.Module:
     """``DistributedDataParallel(model)`` under N > 1 processes (gradients averaged over ranks), else ``model``.
 
-    Buffers are not broadcast: the global-batch batch norm keeps them identical on every rank already."""
-    if ctx.world_size == 1:
+    Buffers are not broadcast: the global-batch batch norm keeps them identical on every rank already. A model
+    with nothing to train (``--shard-head`` on ``--model linear``: the backbone is the identity) is returned as
+    it is: there are no gradients to average, and DDP refuses such a module."""
+    if ctx.world_size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
