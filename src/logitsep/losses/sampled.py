@@ -66,12 +66,13 @@ class Candidates:
 
 def _distinct_uniform(k: int, s: int, exclude: Tensor, generator: torch.Generator | None,
                       device: torch.device) -> Tensor:
-    """``s`` distinct classes of ``k`` outside ``exclude`` (sorted, distinct), every such ``s``-subset equally likely;
-    returned in no particular order. The others are numbered ``0 … k−|exclude|−1`` in order and a uniform
-    ``s``-subset of the numbers is drawn, then mapped to classes (:func:`_skip_excluded`). Without a ``k``-sized
-    permutation when ``s ≪ k``: given their number ``m``, the distinct values of a batch of uniform draws are a uniform
-    ``m``-subset (the law of the draws is symmetric under relabelling), so a uniform ``s``-subset of them (``m ≥ s``)
-    is a uniform ``s``-subset of all; a batch with ``m < s`` is drawn again, larger."""
+    """``s`` distinct classes of ``k`` outside ``exclude`` (a sorted tensor of distinct classes), every such
+    ``s``-subset equally likely; returned in no particular order. The others are numbered ``0 … k−|exclude|−1`` in
+    order and a uniform ``s``-subset of the numbers is drawn, then mapped to classes (:func:`_skip_excluded`).
+    Without a ``k``-sized permutation when ``s ≪ k``: given their number ``m``, the distinct values of a batch of
+    uniform draws are a uniform ``m``-subset (the law of the draws is symmetric under relabelling), so a uniform
+    ``s``-subset of them (``m ≥ s``) is a uniform ``s``-subset of all; a batch with ``m < s`` is drawn again,
+    larger."""
     others = k - len(exclude)
     if 2 * (s + len(exclude)) > k:  # a permutation is cheap next to the step then
         picked = torch.randperm(others, generator=generator, device=device)[:s]
