@@ -3,7 +3,8 @@
 #
 #   DEVICE=cuda tools/gpu_checks.sh [DIR]      # from the repository root; DEVICE=cpu tries the script here
 #
-# 1. the CUDA tests (`pytest -m cuda`: the losses, heads and metrics on the GPU against the CPU);
+# 1. the CUDA tests (`pytest -m cuda`: the losses, heads and metrics on the GPU against the CPU), named by file:
+#    collecting the whole suite there fails on what the machine's image lacks (fastapi, faiss, ...);
 # 2. `torchrun --nproc-per-node 2 -m logitsep train ... --shard-head` against one process on the same data, on
 #    digits (10 classes, the test suite's CPU comparison) and on 10^5 synthetic classes; with one GPU the two
 #    processes share it over gloo (logitsep.distributed.cuda_placement). tools/compare_weights.py writes the

@@ -51,14 +51,15 @@ def _mode() -> str:
         return "never"
     try:
         mode = _selected(_SYSFS)
-        try:
-            with open(_SYSFS.replace("enabled", "hpage_pmd_size"), encoding="ascii") as f:
-                size_kb = int(f.read()) // 1024
-            per_size = _selected(_SYSFS.replace("enabled", f"hugepages-{size_kb}kB/enabled"))
-        except (OSError, ValueError):
-            per_size = "inherit"  # an older kernel: the top-level setting is the only one
     except OSError:
         return "never"
+    folder = os.path.dirname(_SYSFS)
+    try:
+        with open(os.path.join(folder, "hpage_pmd_size"), encoding="ascii") as f:
+            size_kb = int(f.read()) // 1024
+        per_size = _selected(os.path.join(folder, f"hugepages-{size_kb}kB", "enabled"))
+    except (OSError, ValueError):
+        per_size = "inherit"  # an older kernel: the top-level setting is the only one
     return mode if per_size == "inherit" else per_size
 
 
